@@ -1,0 +1,9 @@
+"""ASGI entry point: the streaming paths, and Django for everything else."""
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+from streaming.http import get_asgi_application
+
+application = get_asgi_application()

@@ -1,0 +1,1 @@
+"""Run long async Django tasks in the background and stream their events as SSE."""

@@ -1,0 +1,139 @@
+"""The in-process broker: the embedded default (one process, no services)."""
+
+import asyncio
+from bisect import bisect_right
+from collections.abc import Callable
+
+from ..events import KEEPALIVE, Event, retry_hint
+from .base import Broker
+
+RECONNECT_HINT_MS = 1000
+
+
+def _seq(event: Event) -> int:
+    return event.seq
+
+
+class Channel:
+    """One task's recent events and the signal its subscribers wait on."""
+
+    __slots__ = ("changed", "events", "refs")
+
+    def __init__(self):
+        self.events: list[Event] = []
+        self.changed = asyncio.Event()
+        self.refs = 0
+
+    def notify(self) -> None:
+        # Waiters hold the old Event; a fresh one serves the next round.
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    @property
+    def done(self) -> bool:
+        return not self.events or self.events[-1].terminal
+
+
+class MemoryBroker(Broker):
+    """Fans events out to the subscribers of this process.
+
+    Each task has one shared list of recent events; a subscriber is a cursor
+    into it, so a slow subscriber holds no copy of anything and a publish
+    costs the same however many subscribers lag. Subscribers that fall
+    behind the list, and late ones asking for old events, read the event log.
+    """
+
+    def __init__(self, *, history, settings):
+        self._history = history
+        self._history_size = settings.HISTORY_SIZE
+        self._keepalive = settings.KEEPALIVE_INTERVAL
+        self._max_chunk = settings.MAX_CHUNK_BYTES
+        self._channels: dict[str, Channel] = {}
+        self._closing = False
+        self._wake_callbacks: list[Callable[[], None]] = []
+
+    # -- runner side --------------------------------------------------------
+
+    async def publish(self, key: str, event: Event) -> None:
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = self._channels[key] = Channel()
+        events = channel.events
+        events.append(event)
+        if len(events) > 2 * self._history_size:
+            del events[: len(events) - self._history_size]
+        channel.notify()
+        if event.terminal and channel.refs == 0:
+            del self._channels[key]
+
+    def wake_runners(self) -> None:
+        for callback in self._wake_callbacks:
+            callback()
+
+    def on_wake(self, callback: Callable[[], None]) -> None:
+        self._wake_callbacks.append(callback)
+
+    # -- HTTP side --------------------------------------------------------------
+
+    async def subscribe(self, key: str, after: int | None):
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = self._channels[key] = Channel()
+        channel.refs += 1
+        task_type, _, task_id = key.partition(":")
+        try:
+            if after is None:  # the seed's rule: the latest event at once, then the rest
+                latest = (
+                    channel.events[-1] if channel.events else await self._history.last(task_type, task_id)
+                )
+                after = latest.seq - 1 if latest else 0
+            while not self._closing:
+                changed = channel.changed
+                batch = self._from_memory(channel, after)
+                if batch is None:
+                    batch = await self._history.read(task_type, task_id, after, self._history_size)
+                    if channel.events:
+                        first_in_memory = channel.events[0].seq
+                        batch = [e for e in batch if e.seq < first_in_memory]
+                        if not batch:  # a gap the log does not fill (persistence off)
+                            after = first_in_memory - 1
+                            continue
+                if batch:
+                    chunk, after, terminal = self._chunk(batch)
+                    yield chunk
+                    if terminal:
+                        return
+                    continue
+                try:
+                    async with asyncio.timeout(self._keepalive):
+                        await changed.wait()
+                except TimeoutError:
+                    yield KEEPALIVE
+            yield retry_hint(RECONNECT_HINT_MS)
+        finally:
+            channel.refs -= 1
+            if channel.refs == 0 and channel.done and self._channels.get(key) is channel:
+                del self._channels[key]
+
+    def _from_memory(self, channel: Channel, after: int) -> list[Event] | None:
+        """Events after ``after`` held in memory; None when older ones may be missing."""
+        events = channel.events
+        if not events or events[0].seq > after + 1:
+            return None
+        return events[bisect_right(events, after, key=_seq) :]
+
+    def _chunk(self, batch: list[Event]) -> tuple[bytes, int, bool]:
+        parts = []
+        size = 0
+        for event in batch:
+            parts.append(event.sse)
+            size += len(event.sse)
+            if event.terminal or size >= self._max_chunk:
+                break
+        last = batch[len(parts) - 1]
+        return b"".join(parts), last.seq, last.terminal
+
+    def close_subscriptions(self) -> None:
+        self._closing = True
+        for channel in self._channels.values():
+            channel.notify()

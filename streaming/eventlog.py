@@ -1,0 +1,72 @@
+"""The batched writer of the event log: one bulk insert per tick, off the hot path."""
+
+import asyncio
+import logging
+
+from asgiref.sync import sync_to_async
+
+from . import store
+from .events import Event
+
+logger = logging.getLogger(__name__)
+
+
+class EventLog:
+    def __init__(self, flush_interval: float, batch_size: int):
+        self.flush_interval = flush_interval
+        self.batch_size = batch_size
+        self._pending: list[tuple[str, str, Event]] = []
+        self._lock = asyncio.Lock()
+        self._full = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def append(self, task_type: str, task_id: str, event: Event) -> None:
+        self._pending.append((task_type, task_id, event))
+        if len(self._pending) >= self.batch_size:
+            self._full.set()
+
+    async def flush(self) -> None:
+        """Write everything appended before this call."""
+        async with self._lock:
+            batch, self._pending = self._pending, []
+            if not batch:
+                return
+            try:
+                for start in range(0, len(batch), self.batch_size):
+                    await sync_to_async(store.write_events)(batch[start : start + self.batch_size])
+            except Exception:
+                # Keep the events for the next tick rather than lose them.
+                self._pending[:0] = batch
+                raise
+
+    async def read(self, task_type: str, task_id: str, after: int, limit: int) -> list[Event]:
+        await self.flush()
+        return await sync_to_async(store.read_events)(task_type, task_id, after, limit)
+
+    async def last(self, task_type: str, task_id: str) -> Event | None:
+        await self.flush()
+        return await sync_to_async(store.last_event)(task_type, task_id)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="streaming-eventlog")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.flush_interval):
+                    await self._full.wait()
+            except TimeoutError:
+                pass
+            self._full.clear()
+            try:
+                await self.flush()
+            except Exception:
+                logger.exception("Writing the event log failed; retrying")
+                await asyncio.sleep(1)

@@ -1,0 +1,225 @@
+"""The ASGI app: SSE streams, /health, and Django for every other path.
+
+Streaming requests never enter Django's request machinery: a stream is a
+cursor on the broker plus the connection's send loop. Django still serves
+the admin and everything else on the same port.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from urllib.parse import parse_qs
+
+from asgiref.sync import sync_to_async
+from django.core.exceptions import ValidationError
+
+from . import store
+from .node import Node
+from .registry import UnknownModel, resolve_model, task_key
+
+logger = logging.getLogger(__name__)
+
+STREAM_PATH = re.compile(r"^/stream/(?:(?P<app>[^/]+)/)?(?P<model>[^/]+)/(?P<pk>[^/]+)/?$")
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # nginx: do not buffer the stream
+]
+# uvicorn's protocol (see server.py) puts the transport's abort here so a
+# stalled client can be cut off at once instead of waiting on its buffer.
+ABORT_EXTENSION = "streaming.abort"
+
+
+class BadRequest(Exception):
+    status = 400
+
+
+class NotFound(Exception):
+    status = 404
+
+
+class StreamingApp:
+    def __init__(self, django_app=None, *, node_factory=Node):
+        self.django_app = django_app
+        self.node_factory = node_factory
+        self.node: Node | None = None
+
+    async def __call__(self, scope, receive, send):
+        kind = scope["type"]
+        if kind == "lifespan":
+            return await self._lifespan(receive, send)
+        if kind == "http":
+            path = scope["path"]
+            if path == "/health":
+                return await _respond(send, 200, "OK", content_type=b"text/plain; charset=utf-8")
+            if path.startswith("/stream/"):
+                return await self._stream_endpoint(scope, receive, send)
+        if self.django_app is None:
+            return await _respond(send, 404, f"Not found: {scope.get('path', '')}\n")
+        return await self.django_app(scope, receive, send)
+
+    # -- lifespan ---------------------------------------------------------------
+
+    async def _lifespan(self, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.node = self.node_factory()
+                    await self.node.start()
+                except Exception as exc:
+                    logger.exception("Streaming node failed to start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def shutdown(self):
+        if self.node is not None:
+            await self.node.stop()
+
+    # -- /stream/... -----------------------------------------------------------------
+
+    async def _stream_endpoint(self, scope, receive, send):
+        if scope["method"] != "GET":
+            return await _respond(
+                send,
+                405,
+                f"Method {scope['method']} not allowed; use GET\n",
+                extra_headers=[(b"allow", b"GET")],
+            )
+        if self.node is None:
+            return await _respond(send, 503, "Streaming node is not running\n")
+        try:
+            model, pk, after = self._parse(scope)
+            task = await model.objects.filter(pk=pk).afirst()
+            if task is None:
+                raise NotFound(f"{model.stream_name()} {pk} not found\n")
+        except (BadRequest, NotFound) as exc:
+            return await _respond(send, exc.status, str(exc))
+        headers = dict(scope["headers"])
+        if b"application/json" in headers.get(b"accept", b""):
+            return await self._status(send, task)
+        await self._stream(scope, receive, send, task_key(model, task.pk), after)
+
+    def _parse(self, scope):
+        match = STREAM_PATH.match(scope["path"])
+        if not match:
+            raise NotFound("Not found: use /stream/<Model>/<id> or /stream/<app_label>/<Model>/<id>\n")
+        try:
+            model = resolve_model(match["model"], match["app"])
+        except UnknownModel as exc:
+            raise NotFound(f"{exc}\n") from None
+        raw_pk = match["pk"]
+        try:
+            pk = model._meta.pk.to_python(raw_pk)
+        except ValidationError:
+            raise BadRequest(f"Malformed task id {raw_pk!r} for {model.stream_name()}\n") from None
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        after = None
+        raw_after = dict(scope["headers"]).get(b"last-event-id", b"").decode("latin-1").strip()
+        raw_after = raw_after or (query.get("last_event_id") or [""])[0]
+        if raw_after:
+            if not raw_after.isdigit():
+                raise BadRequest(f"Malformed Last-Event-ID {raw_after!r}: expected an integer\n")
+            after = int(raw_after)
+        history = (query.get("history") or [""])[0]
+        if history:
+            if history not in ("all", "1", "true"):
+                raise BadRequest(f"Unknown history value {history!r}: use history=all\n")
+            after = 0 if after is None else after
+        return model, pk, after
+
+    async def _status(self, send, task):
+        key = task_key(type(task), task.pk)
+        label, _, pk = key.partition(":")
+        last = await sync_to_async(store.last_event)(label, pk)
+        body = {
+            "id": task.pk,
+            "model": type(task).stream_name(),
+            "status": task.status,
+            "attempts": task.attempts,
+            "final_value": task.final_value,
+            "error": task.error,
+            "created_at": _iso(task.created_at),
+            "started_at": _iso(task.started_at),
+            "completed_at": _iso(task.completed_at),
+            "last_event_id": last.seq if last else None,
+            "stream": task.get_stream_path(),
+        }
+        await _respond(send, 200, json.dumps(body), content_type=b"application/json")
+
+    async def _stream(self, scope, receive, send, key, after):
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        streaming = asyncio.current_task()
+        disconnected = False
+
+        async def watch_disconnect():
+            nonlocal disconnected
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected = True
+            streaming.cancel()
+
+        watcher = asyncio.create_task(watch_disconnect())
+        send_timeout = self.node.settings.CLIENT_SEND_TIMEOUT
+        try:
+            async with contextlib.aclosing(self.node.broker.subscribe(key, after)) as chunks:
+                async for chunk in chunks:
+                    try:
+                        async with asyncio.timeout(send_timeout):
+                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    except TimeoutError:
+                        logger.info("Disconnecting %s: it read nothing for %ss", key, send_timeout)
+                        abort = scope.get("extensions", {}).get(ABORT_EXTENSION)
+                        if abort:
+                            abort()
+                            await asyncio.sleep(0)  # let the server see the connection go
+                        return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise
+            streaming.uncancel()
+        finally:
+            watcher.cancel()
+
+
+def _iso(value):
+    return value.isoformat() if value else None
+
+
+async def _respond(send, status, text, *, content_type=b"text/plain; charset=utf-8", extra_headers=()):
+    body = text.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *extra_headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def get_asgi_application():
+    """The project's ASGI app: streaming paths here, all else to Django."""
+    import django
+    from django.conf import settings
+    from django.core.handlers.asgi import ASGIHandler
+
+    django.setup(set_prefix=False)
+    django_app = ASGIHandler()
+    if settings.DEBUG and "django.contrib.staticfiles" in settings.INSTALLED_APPS:
+        from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+        django_app = ASGIStaticFilesHandler(django_app)
+    return StreamingApp(django_app)

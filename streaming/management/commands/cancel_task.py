@@ -1,0 +1,25 @@
+from django.core.management.base import BaseCommand
+
+from streaming.base import FINISHED_STATUSES
+
+from ._common import get_task
+
+
+class Command(BaseCommand):
+    help = "Cancel a task: its runner stops it and watchers get a 'cancelled' event."
+
+    def add_arguments(self, parser):
+        parser.add_argument("model", help="model name, e.g. ExampleTask (or app_label.Model)")
+        parser.add_argument("id")
+
+    def handle(self, *args, model, id, **options):
+        task = get_task(model, id)
+        name = f"{type(task).stream_name()} {task.pk}"
+        if task.is_finished:
+            self.stdout.write(f"{name} is already {task.status}; nothing to cancel")
+            return
+        status = task.cancel()
+        if status in FINISHED_STATUSES:
+            self.stdout.write(f"{name} is already {status}; nothing to cancel")
+        else:
+            self.stdout.write(self.style.SUCCESS(f"✓ Cancellation of {name} requested; its runner stops it"))

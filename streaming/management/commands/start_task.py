@@ -1,0 +1,17 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from ._common import get_task
+
+
+class Command(BaseCommand):
+    help = "Start a task created with `create_task --no-start` (status 'created')."
+
+    def add_arguments(self, parser):
+        parser.add_argument("model", help="model name, e.g. ExampleTask (or app_label.Model)")
+        parser.add_argument("id")
+
+    def handle(self, *args, model, id, **options):
+        task = get_task(model, id)
+        if not task.start():
+            raise CommandError(f"{task} cannot be started: it is {task.status}, not 'created'")
+        self.stdout.write(self.style.SUCCESS(f"✓ {type(task).stream_name()} {task.pk} queued"))

@@ -1,0 +1,51 @@
+"""Which models are streamable, and how a task is named in keys and URLs."""
+
+from functools import cache
+
+from django.apps import apps
+
+from .base import StreamTask
+
+
+@cache
+def stream_models() -> tuple[type[StreamTask], ...]:
+    return tuple(
+        model for model in apps.get_models() if issubclass(model, StreamTask) and not model._meta.proxy
+    )
+
+
+def task_key(model: type[StreamTask], pk) -> str:
+    return f"{model._meta.label_lower}:{pk}"
+
+
+def model_for_label(label_lower: str) -> type[StreamTask] | None:
+    for model in stream_models():
+        if model._meta.label_lower == label_lower:
+            return model
+    return None
+
+
+class UnknownModel(LookupError):
+    pass
+
+
+def resolve_model(name: str, app_label: str | None = None) -> type[StreamTask]:
+    """The streamable model named ``name`` (optionally in ``app_label``).
+
+    Anything that is not a StreamTask subclass is unknown, whatever Django
+    calls it: /stream/auth/User/1 finds nothing.
+    """
+    candidates = [
+        model
+        for model in stream_models()
+        if model.__name__ == name and (app_label is None or model._meta.app_label == app_label)
+    ]
+    if not candidates:
+        where = f"{app_label}.{name}" if app_label else name
+        raise UnknownModel(f"Unknown task model '{where}'")
+    if len(candidates) > 1:
+        labels = ", ".join(m._meta.label for m in candidates)
+        raise UnknownModel(
+            f"Task model name '{name}' is ambiguous ({labels}); use /stream/<app_label>/<Model>/<id>"
+        )
+    return candidates[0]

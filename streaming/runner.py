@@ -1,0 +1,264 @@
+"""The runner: the one place that starts, cancels, finishes and recovers tasks."""
+
+import asyncio
+import logging
+import time
+import traceback
+
+from asgiref.sync import sync_to_async
+
+from . import store
+from .base import Recovery, Status
+from .events import CANCELLED, COMPLETE, ERROR, RETRY, Event, build_payload, to_json_value
+from .registry import stream_models, task_key
+
+logger = logging.getLogger(__name__)
+
+
+class TaskRun:
+    """One run of one task: its event numbering, its coroutine, its wake-ups."""
+
+    def __init__(self, runner: "Runner", claim: store.Claim):
+        self.runner = runner
+        self.instance = claim.instance
+        self.model = type(claim.instance)
+        self.pk = claim.instance.pk
+        self.key = task_key(self.model, self.pk)
+        self.task_type, _, self.task_id = self.key.partition(":")
+        self.next_seq = claim.first_seq
+        self.reserved_to = claim.reserved_to
+        self.cancel_requested = False
+        self.lease_lost = False
+        self.task: asyncio.Task | None = None
+        self._reserve_lock = asyncio.Lock()
+        self._row_changed = asyncio.Event()
+
+    async def send(self, event_type: str, data) -> Event:
+        if self.next_seq > self.reserved_to:
+            async with self._reserve_lock:
+                if self.next_seq > self.reserved_to:
+                    upto = self.next_seq + store.SEQ_BLOCK - 1
+                    await sync_to_async(store.reserve_seq)(self.model, self.pk, self.runner.owner, upto)
+                    self.reserved_to = upto
+        seq = self.next_seq
+        self.next_seq += 1
+        event = Event(
+            seq,
+            event_type,
+            build_payload(data, task_id=self.pk, model_name=self.model.stream_name()),
+        )
+        await self.runner.broker.publish(self.key, event)
+        if self.model.persist_events and not event.terminal:
+            self.runner.eventlog.append(self.task_type, self.task_id, event)
+        return event
+
+    def row_changed(self) -> None:
+        self._row_changed.set()
+
+    async def wait_for_row_change(self, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._row_changed.wait()
+        except TimeoutError:
+            pass
+        self._row_changed.clear()
+
+
+class Runner:
+    def __init__(self, *, broker, eventlog, settings, owner: str | None = None):
+        self.broker = broker
+        self.eventlog = eventlog
+        self.settings = settings
+        self.owner = owner or store.new_owner_id()
+        self.runs: dict[str, TaskRun] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        broker.on_wake(self.wake_threadsafe)
+
+    # -- wake-ups -----------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def wake_threadsafe(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def row_changed_threadsafe(self, key: str) -> None:
+        run = self.runs.get(key)
+        if run is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(run.row_changed)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_task = asyncio.create_task(self._main(), name="streaming-runner")
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop claiming; give running tasks ``grace`` s, then interrupt the rest."""
+        self._stopping = True
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        tasks = [run.task for run in self.runs.values() if run.task]
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        for run in list(self.runs.values()):
+            if run.task and not run.task.done():
+                run.task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _main(self) -> None:
+        settings = self.settings
+        maintenance_every = settings.LEASE_SECONDS / 3
+        next_maintenance = 0.0
+        while True:
+            try:
+                now = time.monotonic()
+                if now >= next_maintenance:
+                    next_maintenance = now + maintenance_every
+                    await self._maintain()
+                await self._claim()
+                if self.runs:
+                    await self._check_cancellations()
+            except Exception:
+                logger.exception("Runner step failed; trying again")
+            try:
+                async with asyncio.timeout(settings.POLL_INTERVAL):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    # -- the steps of the loop -------------------------------------------------
+
+    async def _claim(self) -> None:
+        free = self.settings.MAX_CONCURRENT_TASKS - len(self.runs)
+        if free <= 0:
+            return
+        claims = await sync_to_async(store.claim_pending)(
+            stream_models(), free, self.owner, self.settings.LEASE_SECONDS
+        )
+        for claim in claims:
+            run = TaskRun(self, claim)
+            self.runs[run.key] = run
+            run.task = asyncio.create_task(self._execute(run), name=f"streaming-task {run.key}")
+
+    def _running_by_model(self) -> dict:
+        running: dict = {}
+        for run in self.runs.values():
+            running.setdefault(run.model, []).append(run.pk)
+        return running
+
+    async def _check_cancellations(self) -> None:
+        for model, pk in await sync_to_async(store.cancel_requests)(self._running_by_model(), self.owner):
+            run = self.runs.get(task_key(model, pk))
+            if run and run.task and not run.cancel_requested:
+                logger.info("Cancelling %s", run.key)
+                run.cancel_requested = True
+                run.task.cancel()
+
+    async def _maintain(self) -> None:
+        lease = self.settings.LEASE_SECONDS
+        if self.runs:
+            for model, pk in await sync_to_async(store.renew_leases)(
+                self._running_by_model(), self.owner, lease
+            ):
+                run = self.runs.get(task_key(model, pk))
+                if run and run.task:
+                    logger.warning("Lost the lease of %s; stopping it here", run.key)
+                    run.lease_lost = True
+                    run.task.cancel()
+        recovered = await sync_to_async(store.recover_orphans)(stream_models(), self.owner, lease)
+        for item in recovered:
+            key = task_key(item.model, item.pk)
+            if item.requeued:
+                logger.warning("Recovered %s: its server died; running it again", key)
+                self.wake()
+            else:
+                logger.warning("Recovered %s: its server died; failed by its policy", key)
+                await self.broker.publish(key, item.event)
+
+    # -- one task -------------------------------------------------------------------
+
+    async def _execute(self, run: TaskRun) -> None:
+        instance = run.instance
+        instance._stream_run = run
+        final_value = None
+        error_text = ""
+        try:
+            try:
+                if instance.cancel_requested:
+                    run.cancel_requested = True
+                    raise asyncio.CancelledError
+                if instance.attempts > 1:
+                    await run.send(
+                        RETRY,
+                        {
+                            "message": "Running again after an interruption",
+                            "attempt": instance.attempts,
+                            "max_attempts": run.model.max_attempts,
+                        },
+                    )
+                result = await instance.process()
+                final_value = to_json_value(result)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+                if run.cancel_requested:
+                    status, event_type, data = (
+                        Status.CANCELLED,
+                        CANCELLED,
+                        {"message": "Task cancelled"},
+                    )
+                elif run.lease_lost:
+                    return  # another runner owns the task now
+                elif self._stopping:
+                    await self._interrupted(run)
+                    return
+                else:
+                    raise
+            except Exception as exc:
+                logger.exception("Task %s failed", run.key)
+                status, event_type = Status.FAILED, ERROR
+                data = {"message": str(exc) or type(exc).__name__, "type": type(exc).__name__}
+                error_text = "".join(traceback.format_exception(exc))
+            else:
+                status, event_type = Status.COMPLETED, COMPLETE
+                data = (
+                    final_value
+                    if isinstance(final_value, dict)
+                    else ({} if final_value is None else {"result": final_value})
+                )
+            terminal = await run.send(event_type, data)
+            await self.eventlog.flush()
+            await sync_to_async(store.finish)(
+                run.model,
+                run.pk,
+                self.owner,
+                status,
+                terminal,
+                final_value=final_value,
+                error=error_text,
+            )
+        except Exception:
+            logger.exception("Finishing task %s failed; its lease will expire", run.key)
+        finally:
+            self.runs.pop(run.key, None)
+
+    async def _interrupted(self, run: TaskRun) -> None:
+        """The server is stopping under this task: retry it later or fail it."""
+        await self.eventlog.flush()
+        if run.model.recovery == Recovery.RETRY and run.instance.attempts < run.model.max_attempts:
+            await sync_to_async(store.finish)(run.model, run.pk, self.owner, Status.PENDING, None)
+            logger.info("Interrupted %s; it runs again when a server starts", run.key)
+            return
+        message = "Task interrupted: the server shut down"
+        terminal = await run.send(ERROR, {"message": message, "type": "Interrupted"})
+        await sync_to_async(store.finish)(
+            run.model, run.pk, self.owner, Status.FAILED, terminal, error=message
+        )

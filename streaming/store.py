@@ -1,0 +1,283 @@
+"""Every database operation of the runner and the event log, in one place.
+
+Functions here are synchronous (Django's ORM); async callers wrap them with
+``sync_to_async`` so a whole step (a claim, a finish) is one trip to the
+ORM thread. Every state change of a task row is conditional on the state the
+caller expects (status, lease owner), so two processes never both win.
+"""
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db import transaction
+from django.db.models import F, Max
+from django.utils import timezone
+
+from .base import FINISHED_STATUSES, Recovery, Status, StreamTask
+from .events import ERROR, Event, build_payload
+from .models import TaskEvent
+
+SEQ_BLOCK = 1000  # sequence numbers reserved on the row at a time
+HOSTNAME = socket.gethostname()
+
+
+def new_owner_id() -> str:
+    return f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead(owner: str | None, me: str) -> bool:
+    """True when ``owner`` is a runner on this host whose process is gone.
+
+    Lets a server restarted after kill -9 take its tasks back at once instead
+    of waiting for their leases to run out. Owners on other hosts are judged
+    by their lease alone.
+    """
+    if not owner or owner == me:
+        return False
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != HOSTNAME or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True  # an earlier runner of this very process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _label(model) -> str:
+    return model._meta.label_lower
+
+
+def next_free_seq(model, pk, seq_reserved: int) -> int:
+    logged = TaskEvent.objects.filter(task_type=_label(model), task_id=str(pk)).aggregate(m=Max("seq"))["m"]
+    return max(seq_reserved, logged or 0) + 1
+
+
+# -- claims and leases ------------------------------------------------------
+
+
+@dataclass
+class Claim:
+    instance: StreamTask
+    first_seq: int
+    reserved_to: int
+
+
+def claim_pending(models, limit: int, owner: str, lease_seconds: float) -> list[Claim]:
+    claims: list[Claim] = []
+    for model in models:
+        if len(claims) >= limit:
+            break
+        pks = list(
+            model.objects.filter(status=Status.PENDING)
+            .order_by("pk")
+            .values_list("pk", flat=True)[: limit - len(claims)]
+        )
+        for pk in pks:
+            now = timezone.now()
+            with transaction.atomic():
+                won = model.objects.filter(pk=pk, status=Status.PENDING).update(
+                    status=Status.RUNNING,
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    attempts=F("attempts") + 1,
+                    started_at=now,
+                )
+                if not won:
+                    continue  # another runner was faster
+                instance = model.objects.get(pk=pk)
+                first = next_free_seq(model, pk, instance.seq_reserved)
+                instance.seq_reserved = first + SEQ_BLOCK - 1
+                model.objects.filter(pk=pk).update(seq_reserved=instance.seq_reserved)
+            claims.append(Claim(instance, first, instance.seq_reserved))
+    return claims
+
+
+def reserve_seq(model, pk, owner: str, upto: int) -> bool:
+    return bool(
+        model.objects.filter(pk=pk, lease_owner=owner, seq_reserved__lt=upto).update(seq_reserved=upto)
+    )
+
+
+def renew_leases(running: dict, owner: str, lease_seconds: float) -> list[tuple]:
+    """Extend the leases of ``running`` ({model: [pk, ...]}); return (model, pk) lost."""
+    expires = timezone.now() + timedelta(seconds=lease_seconds)
+    lost = []
+    for model, pks in running.items():
+        model.objects.filter(pk__in=pks, lease_owner=owner, status=Status.RUNNING).update(
+            lease_expires_at=expires
+        )
+        held = set(
+            model.objects.filter(pk__in=pks, lease_owner=owner, status=Status.RUNNING).values_list(
+                "pk", flat=True
+            )
+        )
+        lost.extend((model, pk) for pk in pks if pk not in held)
+    return lost
+
+
+def cancel_requests(running: dict, owner: str) -> list[tuple]:
+    found = []
+    for model, pks in running.items():
+        found.extend(
+            (model, pk)
+            for pk in model.objects.filter(
+                pk__in=pks, lease_owner=owner, status=Status.RUNNING, cancel_requested=True
+            ).values_list("pk", flat=True)
+        )
+    return found
+
+
+def finish(model, pk, owner: str, status: str, terminal: Event | None, **fields) -> bool:
+    """End a run: the row's final state and its terminal event, atomically."""
+    with transaction.atomic():
+        won = model.objects.filter(pk=pk, lease_owner=owner).update(
+            status=status,
+            completed_at=timezone.now() if status in FINISHED_STATUSES else None,
+            lease_owner=None,
+            lease_expires_at=None,
+            **fields,
+        )
+        if won and terminal is not None:
+            write_events([(_label(model), str(pk), terminal)])
+    return bool(won)
+
+
+@dataclass
+class Recovered:
+    model: type
+    pk: object
+    requeued: bool
+    event: Event | None  # the error event written when the task was failed
+
+
+def recover_orphans(models, owner: str, lease_seconds: float) -> list[Recovered]:
+    """Take up running tasks whose runner is gone, by each class's policy."""
+    now = timezone.now()
+    recovered = []
+    for model in models:
+        rows = (
+            model.objects.filter(status=Status.RUNNING)
+            .exclude(lease_owner=owner)
+            .values_list("pk", "lease_owner", "lease_expires_at")
+        )
+        for pk, old_owner, expires in rows:
+            expired = expires is None or expires < now
+            if not (expired or owner_is_dead(old_owner, owner)):
+                continue
+            with transaction.atomic():
+                took = model.objects.filter(pk=pk, status=Status.RUNNING, lease_owner=old_owner).update(
+                    lease_owner=owner
+                )
+                if not took:
+                    continue
+                task = model.objects.get(pk=pk)
+                if model.recovery == Recovery.RETRY and task.attempts < model.max_attempts:
+                    model.objects.filter(pk=pk).update(
+                        status=Status.PENDING, lease_owner=None, lease_expires_at=None
+                    )
+                    recovered.append(Recovered(model, pk, True, None))
+                    continue
+                if model.recovery == Recovery.RETRY:
+                    message = f"Task interrupted on each of its {task.attempts} attempts; giving up"
+                else:
+                    message = "Task interrupted: the server running it stopped"
+                event = Event(
+                    next_free_seq(model, pk, task.seq_reserved),
+                    ERROR,
+                    build_payload(
+                        {"message": message, "type": "Interrupted"},
+                        task_id=task.pk,
+                        model_name=model.stream_name(),
+                    ),
+                )
+                finish(model, pk, owner, Status.FAILED, event, error=message)
+                recovered.append(Recovered(model, pk, False, event))
+    return recovered
+
+
+# -- control from any process -------------------------------------------------
+
+
+def start_task(instance: StreamTask) -> bool:
+    model = type(instance)
+    started = model.objects.filter(pk=instance.pk, status=Status.CREATED).update(status=Status.PENDING)
+    if started:
+        instance.status = Status.PENDING
+        _wake_after_commit()
+    return bool(started)
+
+
+def cancel_task(instance: StreamTask) -> str:
+    """Ask the runner to cancel; returns the task's status after asking.
+
+    A task not yet taken by a runner is queued so that a runner ends it as
+    cancelled without running it: the runner alone finishes tasks, so every
+    terminal event goes out through the broker to live watchers.
+    """
+    model = type(instance)
+    with transaction.atomic():
+        model.objects.filter(pk=instance.pk, status=Status.CREATED).update(status=Status.PENDING)
+        model.objects.filter(pk=instance.pk, status__in=[Status.PENDING, Status.RUNNING]).update(
+            cancel_requested=True
+        )
+        status = model.objects.filter(pk=instance.pk).values_list("status", flat=True).first()
+    if status is None:
+        raise model.DoesNotExist(f"{model.__name__} {instance.pk} does not exist")
+    instance.status = status
+    if status not in FINISHED_STATUSES:
+        instance.cancel_requested = True
+        _wake_after_commit()
+    return status
+
+
+def _wake_after_commit():
+    from .node import wake_local_runner
+
+    transaction.on_commit(wake_local_runner)
+
+
+# -- the event log ----------------------------------------------------------------
+
+
+def write_events(rows) -> None:
+    """Insert (task_type, task_id, Event) rows; ones already there are skipped."""
+    TaskEvent.objects.bulk_create(
+        [
+            TaskEvent(task_type=label, task_id=pk, seq=e.seq, type=e.type, payload=e.payload)
+            for label, pk, e in rows
+        ],
+        ignore_conflicts=True,
+    )
+
+
+def read_events(label: str, pk: str, after: int, limit: int) -> list[Event]:
+    return [
+        Event(seq, type_, payload)
+        for seq, type_, payload in TaskEvent.objects.filter(task_type=label, task_id=pk, seq__gt=after)
+        .order_by("seq")
+        .values_list("seq", "type", "payload")[:limit]
+    ]
+
+
+def last_event(label: str, pk: str) -> Event | None:
+    row = (
+        TaskEvent.objects.filter(task_type=label, task_id=pk)
+        .order_by("-seq")
+        .values_list("seq", "type", "payload")
+        .first()
+    )
+    return Event(*row) if row else None
+
+
+def delete_events(label: str, pks) -> int:
+    return TaskEvent.objects.filter(task_type=label, task_id__in=[str(p) for p in pks]).delete()[0]

@@ -1,0 +1,61 @@
+"""Tasks the tests drive: scripted steps, failures, silence, each recovery policy."""
+
+import asyncio
+
+from django.db import models
+
+from streaming.models import Recovery, StreamTask
+
+
+class ScriptFields(models.Model):
+    steps = models.PositiveIntegerField(default=3)
+    delay = models.FloatField(default=0.0)
+    payload_size = models.PositiveIntegerField(default=0)
+    fail_at = models.IntegerField(null=True, blank=True)  # raise before this step
+    result = models.JSONField(null=True, blank=True)  # what process() returns
+
+    class Meta:
+        abstract = True
+
+    async def process(self):
+        filler = "x" * self.payload_size
+        for step in range(1, self.steps + 1):
+            if self.fail_at == step:
+                raise ValueError(f"failing at step {step} as scripted")
+            data = {"step": step, "attempt": self.attempts}
+            if filler:
+                data["filler"] = filler
+            await self.send_event("step", data)
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        return self.result
+
+
+class ScriptedTask(ScriptFields, StreamTask):
+    recovery = Recovery.RETRY
+
+
+class FragileTask(ScriptFields, StreamTask):
+    """The default policy: interrupted means failed."""
+
+
+class EphemeralTask(ScriptFields, StreamTask):
+    persist_events = False
+    recovery = Recovery.RETRY
+
+
+class GeneratorTask(StreamTask):
+    count = models.PositiveIntegerField(default=3)
+    use_async = models.BooleanField(default=True)
+
+    async def process(self):
+        if self.use_async:
+
+            async def items():
+                for i in range(self.count):
+                    yield {"i": i}
+
+            sent = await self.send_events_from(items())
+        else:
+            sent = await self.send_events_from({"i": i} for i in range(self.count))
+        return sent
