@@ -1,0 +1,190 @@
+"""Test support: a real runserver_stream subprocess, and SSE read over HTTP."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+from django.db import connection
+
+REPO = Path(__file__).resolve().parents[2]
+TERMINAL = {"complete", "error", "cancelled"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def database_url() -> str:
+    """The URL of the database this test process uses (the test database)."""
+    s = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{s['NAME']}"
+    if connection.vendor == "postgresql":
+        auth = quote(s.get("USER") or "")
+        if s.get("PASSWORD"):
+            auth += ":" + quote(s["PASSWORD"])
+        host = s.get("HOST") or "127.0.0.1"
+        port = s.get("PORT") or 5432
+        return f"postgres://{auth}@{host}:{port}/{s['NAME']}"
+    raise NotImplementedError(connection.vendor)
+
+
+def subprocess_env(**streaming) -> dict:
+    """Environment for a manage.py subprocess on the test database."""
+    env = dict(os.environ)
+    env["DATABASE_URL"] = database_url()
+    env["PYTHONUNBUFFERED"] = "1"
+    for name, value in streaming.items():
+        env[f"STREAMING_{name.upper()}"] = str(value)
+    return env
+
+
+def manage(*args, timeout=60, **streaming) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=REPO,
+        env=subprocess_env(**streaming),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+class ServerProcess:
+    """``manage.py runserver_stream`` on a free port, on the test database."""
+
+    def __init__(self, *, port=None, socket_path=None, **streaming):
+        streaming.setdefault("poll_interval", 0.05)
+        self.port = port or free_port()
+        self.socket_path = socket_path
+        self.streaming = streaming
+        self.proc: subprocess.Popen | None = None
+        self.log_path = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout=20.0) -> "ServerProcess":
+        import tempfile
+
+        log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - outlives this call
+            prefix="stream-server-", suffix=".log", delete=False
+        )
+        self.log_path = log.name
+        where = ["--socket", self.socket_path] if self.socket_path else ["--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "runserver_stream", *where],
+            cwd=REPO,
+            env=subprocess_env(**self.streaming),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        wait_for(self._healthy, timeout=timeout, message=f"server on {where} to be healthy")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            if self.socket_path:
+                transport = httpx.HTTPTransport(uds=self.socket_path)
+                with httpx.Client(transport=transport) as client:
+                    return client.get("http://server/health", timeout=1).text == "OK"
+            return httpx.get(f"{self.url}/health", timeout=1).text == "OK"
+        except httpx.TransportError:
+            return False
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text() if self.log_path else ""
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout=15.0) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode if self.proc else 0
+
+
+@dataclass
+class SSE:
+    id: int | None
+    event: str
+    data: dict
+
+
+def parse_sse(text: str) -> list[SSE]:
+    """Parse a complete SSE body (blank-line separated messages)."""
+    messages = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        fields: dict[str, list[str]] = {}
+        for line in block.split("\n"):
+            if not line or line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            fields.setdefault(name, []).append(value[1:] if value.startswith(" ") else value)
+        if "data" in fields:
+            messages.append(
+                SSE(
+                    int(fields["id"][0]) if "id" in fields else None,
+                    fields.get("event", ["message"])[0],
+                    json.loads("\n".join(fields["data"])),
+                )
+            )
+    return messages
+
+
+def read_stream(url, *, headers=None, limit=None, timeout=30.0, on_event=None) -> list[SSE]:
+    """Read events until a terminal one (or ``limit`` events, or the end)."""
+    events: list[SSE] = []
+    buffer = ""
+    deadline = time.monotonic() + timeout
+    with (
+        httpx.Client(timeout=httpx.Timeout(timeout)) as client,
+        client.stream("GET", url, headers=headers or {}) as response,
+    ):
+        assert response.status_code == 200, f"{response.status_code}: {response.read()!r}"
+        for text in response.iter_text():
+            buffer += text
+            while "\n\n" in buffer:
+                block, buffer = buffer.split("\n\n", 1)
+                for message in parse_sse(block + "\n\n"):
+                    events.append(message)
+                    if on_event:
+                        on_event(message)
+                    if message.event in TERMINAL or (limit and len(events) >= limit):
+                        return events
+            if time.monotonic() > deadline:
+                raise AssertionError(f"stream {url} did not end within {timeout}s: {events}")
+    return events
