@@ -71,7 +71,7 @@ class StreamTask(models.Model):
             raise ValueError(
                 f"'{event_type}' is sent by the runner: return from process() to complete, raise to fail"
             )
-        return await self._current_run().send(event_type, data)
+        return (await self._current_run().send(event_type, data)).seq
 
     async def send_events_from(self, source, event_type: str = "progress") -> int:
         """Send each item of an async or sync iterable (dicts) as one event.

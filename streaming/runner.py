@@ -234,21 +234,27 @@ class Runner:
                     if isinstance(final_value, dict)
                     else ({} if final_value is None else {"result": final_value})
                 )
-            terminal = await run.send(event_type, data)
-            await self.eventlog.flush()
-            await sync_to_async(store.finish)(
-                run.model,
-                run.pk,
-                self.owner,
-                status,
-                terminal,
-                final_value=final_value,
-                error=error_text,
+            # Watchers are about to hear the end: a cancel arriving now must
+            # not leave the row running with a terminal event already out.
+            finishing = asyncio.ensure_future(
+                self._finish(run, status, event_type, data, final_value, error_text)
             )
+            try:
+                await asyncio.shield(finishing)
+            except asyncio.CancelledError:
+                asyncio.current_task().uncancel()
+                await finishing
         except Exception:
             logger.exception("Finishing task %s failed; its lease will expire", run.key)
         finally:
             self.runs.pop(run.key, None)
+
+    async def _finish(self, run, status, event_type, data, final_value, error_text) -> None:
+        terminal = await run.send(event_type, data)
+        await self.eventlog.flush()
+        await sync_to_async(store.finish)(
+            run.model, run.pk, self.owner, status, terminal, final_value=final_value, error=error_text
+        )
 
     async def _interrupted(self, run: TaskRun) -> None:
         """The server is stopping under this task: retry it later or fail it."""

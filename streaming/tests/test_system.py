@@ -196,9 +196,7 @@ class StreamingSystemTests(ServerTestCase):
         time.sleep(1.0)  # the header is printed just before connecting
         task.start()
         out = first_line + client.stdout.read()
-        result = subprocess.CompletedProcess(
-            client.args, client.wait(60), out, client.stderr.read()
-        )
+        result = subprocess.CompletedProcess(client.args, client.wait(60), out, client.stderr.read())
         self.assertEqual(result.returncode, 0, result.stderr)
         rule = "=" * 60
         self.assertTrue(
