@@ -27,9 +27,9 @@ class StreamTaskAdmin(admin.ModelAdmin):
     actions = ["cancel_selected"]
 
     def event_history(self, task):
-        events = TaskEvent.objects.filter(
-            task_type=task._meta.label_lower, task_id=str(task.pk)
-        ).order_by("seq")[:500]
+        events = TaskEvent.objects.filter(task_type=task._meta.label_lower, task_id=str(task.pk)).order_by(
+            "seq"
+        )[:500]
         if not events:
             return "No events yet"
         rows = format_html_join(
