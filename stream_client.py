@@ -54,6 +54,8 @@ def watch(url: str, *, max_reconnects: int) -> tuple[str | None, int]:
             try:
                 with connect_sse(client, "GET", url, headers=headers) as source:
                     response = source.response
+                    if response.status_code == 204:  # nothing after our last event: it has ended
+                        return last_type, count
                     if response.status_code != 200:
                         response.read()
                         message = response.text.strip() or response.reason_phrase

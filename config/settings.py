@@ -7,6 +7,7 @@ with short timings; a project of your own sets STREAMING however it likes.
 """
 
 import os
+import sys
 from pathlib import Path
 
 import dj_database_url
@@ -111,5 +112,11 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "loggers": {"streaming": {"handlers": ["console"], "level": "INFO"}},
+    # Quieter under `manage.py test`: the in-process runner tests start many nodes.
+    "loggers": {
+        "streaming": {
+            "handlers": ["console"],
+            "level": "CRITICAL" if sys.argv[1:2] == ["test"] else "INFO",
+        }
+    },
 }

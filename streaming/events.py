@@ -21,6 +21,7 @@ RESERVED_TYPES = TERMINAL_TYPES | {RETRY}
 
 _EVENT_TYPE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 KEEPALIVE = b": keep-alive\n\n"
+RUNNER_KEYS = ("_task_id", "_model", "_timestamp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,7 @@ def retry_hint(milliseconds: int) -> bytes:
 
 
 def validate_event_type(event_type) -> str:
-    if not isinstance(event_type, str) or not _EVENT_TYPE.match(event_type):
+    if not isinstance(event_type, str) or not _EVENT_TYPE.fullmatch(event_type):
         raise ValueError(
             f"Event type must be 1-64 characters of letters, digits and _.:- ; got {event_type!r}"
         )
@@ -64,19 +65,21 @@ def build_payload(data, *, task_id, model_name: str, timestamp: datetime | None 
         data = {}
     if not isinstance(data, dict):
         raise TypeError(f"Event data must be a dict, got {type(data).__name__}")
-    body = dict(data)
+    # The runner's keys come last and cannot be spoofed by the task.
+    body = {k: v for k, v in data.items() if k not in RUNNER_KEYS}
     body["_task_id"] = task_id
     body["_model"] = model_name
     body["_timestamp"] = (timestamp or datetime.now(UTC)).isoformat()
     try:
-        return json.dumps(body, cls=DjangoJSONEncoder)
-    except TypeError as exc:
+        # allow_nan=False: NaN and Infinity are not JSON; browsers reject them.
+        return json.dumps(body, cls=DjangoJSONEncoder, allow_nan=False)
+    except (TypeError, ValueError) as exc:
         raise TypeError(f"Event data is not JSON serializable: {exc}") from None
 
 
 def to_json_value(value):
     """A task's return value as it will be stored (JSON round trip), or TypeError."""
     try:
-        return json.loads(json.dumps(value, cls=DjangoJSONEncoder))
-    except TypeError as exc:
+        return json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))
+    except (TypeError, ValueError) as exc:
         raise TypeError(f"process() returned a value that is not JSON serializable: {exc}") from None

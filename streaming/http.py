@@ -105,7 +105,14 @@ class StreamingApp:
         headers = dict(scope["headers"])
         if b"application/json" in headers.get(b"accept", b""):
             return await self._status(send, task)
-        await self._stream(scope, receive, send, task_key(model, task.pk), after)
+        key = task_key(model, task.pk)
+        if after is not None and task.is_finished:
+            label, _, pk_text = key.partition(":")
+            last = await sync_to_async(store.last_event)(label, pk_text)
+            if last is not None and last.seq <= after:
+                # The client has seen the end; 204 tells an EventSource to stop reconnecting.
+                return await _respond(send, 204, "")
+        await self._stream(scope, receive, send, key, after)
 
     def _parse(self, scope):
         match = STREAM_PATH.match(scope["path"])

@@ -104,6 +104,8 @@ class MemoryBroker(Broker):
                     if terminal:
                         return
                     continue
+                if await self._ended_before(channel, task_type, task_id, after):
+                    return  # the client has seen the end already
                 try:
                     async with asyncio.timeout(self._keepalive):
                         await changed.wait()
@@ -114,6 +116,10 @@ class MemoryBroker(Broker):
             channel.refs -= 1
             if channel.refs == 0 and channel.done and self._channels.get(key) is channel:
                 del self._channels[key]
+
+    async def _ended_before(self, channel: Channel, task_type, task_id, after: int) -> bool:
+        latest = channel.events[-1] if channel.events else await self._history.last(task_type, task_id)
+        return latest is not None and latest.terminal and latest.seq <= after
 
     def _from_memory(self, channel: Channel, after: int) -> list[Event] | None:
         """Events after ``after`` held in memory; None when older ones may be missing."""

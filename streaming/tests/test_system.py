@@ -119,6 +119,9 @@ class StreamingSystemTests(ServerTestCase):
         self.assertEqual([e.id for e in events], [3, 4, 5])
         events = read_stream(self.url(task, last_event_id=4))
         self.assertEqual([e.id for e in events], [5])
+        # After the end there is nothing more: 204 stops an EventSource reconnecting.
+        done = httpx.get(self.url(task), headers={"Last-Event-ID": "5"}, timeout=5)
+        self.assertEqual(done.status_code, 204)
 
     def test_continue_task_is_driven_by_another_process(self):
         task = ContinueTask.objects.create(message="Waiting for signal...", poll_interval=0.1)
