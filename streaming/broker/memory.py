@@ -14,6 +14,11 @@ def _seq(event: Event) -> int:
     return event.seq
 
 
+def _ended_by(latest: Event | None, after: int) -> bool:
+    """True when ``latest`` is the task's end and a client at ``after`` has seen it."""
+    return latest is not None and latest.terminal and latest.seq <= after
+
+
 class Channel:
     """One task's recent events and the signal its subscribers wait on."""
 
@@ -82,11 +87,11 @@ class MemoryBroker(Broker):
         channel.refs += 1
         task_type, _, task_id = key.partition(":")
         try:
+            latest = channel.events[-1] if channel.events else await self._history.last(task_type, task_id)
             if after is None:  # the seed's rule: the latest event at once, then the rest
-                latest = (
-                    channel.events[-1] if channel.events else await self._history.last(task_type, task_id)
-                )
                 after = latest.seq - 1 if latest else 0
+            elif _ended_by(latest, after):
+                return  # the client has seen the end already
             while not self._closing:
                 changed = channel.changed
                 batch = self._from_memory(channel, after)
@@ -104,8 +109,8 @@ class MemoryBroker(Broker):
                     if terminal:
                         return
                     continue
-                if await self._ended_before(channel, task_type, task_id, after):
-                    return  # the client has seen the end already
+                if channel.events and _ended_by(channel.events[-1], after):
+                    return
                 try:
                     async with asyncio.timeout(self._keepalive):
                         await changed.wait()
@@ -116,10 +121,6 @@ class MemoryBroker(Broker):
             channel.refs -= 1
             if channel.refs == 0 and channel.done and self._channels.get(key) is channel:
                 del self._channels[key]
-
-    async def _ended_before(self, channel: Channel, task_type, task_id, after: int) -> bool:
-        latest = channel.events[-1] if channel.events else await self._history.last(task_type, task_id)
-        return latest is not None and latest.terminal and latest.seq <= after
 
     def _from_memory(self, channel: Channel, after: int) -> list[Event] | None:
         """Events after ``after`` held in memory; None when older ones may be missing."""

@@ -353,7 +353,11 @@ class CancellationTests(RunnerTestCase):
                     seen.extend(parse_sse(chunk.decode()))
 
             watcher = asyncio.create_task(watch())
-            await asyncio.sleep(0)  # subscribed before the task starts
+            # Subscribed and parked on the channel's signal before the task starts.
+            await eventually(
+                lambda: key in node.broker._channels and node.broker._channels[key].changed._waiters,
+                message="the watcher to wait",
+            )
             async with node.eventlog._lock:
                 await task.astart()
                 await eventually(lambda: any(e.event == "complete" for e in seen), message="complete")
