@@ -38,6 +38,14 @@ class TaskRun:
         self._row_changed = asyncio.Event()
 
     async def send(self, event_type: str, data) -> Event:
+        event = await self.number(event_type, data)
+        await self.runner.broker.publish(self.key, event)
+        if self.model.persist_events:
+            self.runner.eventlog.append(self.task_type, self.task_id, event)
+        return event
+
+    async def number(self, event_type: str, data) -> Event:
+        """The next event of this task, numbered and encoded but not yet sent."""
         if self.next_seq > self.reserved_to:
             async with self._reserve_lock:
                 if self.next_seq > self.reserved_to:
@@ -46,15 +54,22 @@ class TaskRun:
                     self.reserved_to = upto
         seq = self.next_seq
         self.next_seq += 1
-        event = Event(
+        return Event(
             seq,
             event_type,
             build_payload(data, task_id=self.pk, model_name=self.model.stream_name()),
         )
-        await self.runner.broker.publish(self.key, event)
-        if self.model.persist_events and not event.terminal:
-            self.runner.eventlog.append(self.task_type, self.task_id, event)
-        return event
+
+    async def end(self, status: str, event_type: str, data, **fields) -> None:
+        """Write the terminal event with the row's final state, then announce it.
+
+        Durable first: a client arriving at any moment finds the end either
+        in the log or live, never in neither.
+        """
+        terminal = await self.number(event_type, data)
+        await self.runner.eventlog.flush()
+        await sync_to_async(store.finish)(self.model, self.pk, self.runner.owner, status, terminal, **fields)
+        await self.runner.broker.publish(self.key, terminal)
 
     def row_changed(self) -> None:
         self._row_changed.set()
@@ -269,7 +284,7 @@ class Runner:
             # Watchers are about to hear the end: a cancel arriving now must
             # not leave the row running with a terminal event already out.
             finishing = asyncio.ensure_future(
-                self._finish(run, status, event_type, data, final_value, error_text)
+                run.end(status, event_type, data, final_value=final_value, error=error_text)
             )
             try:
                 await asyncio.shield(finishing)
@@ -281,13 +296,6 @@ class Runner:
         finally:
             self.runs.pop(run.key, None)
 
-    async def _finish(self, run, status, event_type, data, final_value, error_text) -> None:
-        terminal = await run.send(event_type, data)
-        await self.eventlog.flush()
-        await sync_to_async(store.finish)(
-            run.model, run.pk, self.owner, status, terminal, final_value=final_value, error=error_text
-        )
-
     async def _interrupted(self, run: TaskRun) -> None:
         """The server is stopping under this task: retry it later or fail it."""
         await self.eventlog.flush()
@@ -296,7 +304,4 @@ class Runner:
             logger.info("Interrupted %s; it runs again when a server starts", run.key)
             return
         message = "Task interrupted: the server shut down"
-        terminal = await run.send(ERROR, {"message": message, "type": "Interrupted"})
-        await sync_to_async(store.finish)(
-            run.model, run.pk, self.owner, Status.FAILED, terminal, error=message
-        )
+        await run.end(Status.FAILED, ERROR, {"message": message, "type": "Interrupted"}, error=message)

@@ -280,8 +280,9 @@ class HistoryTests(BrokerTestCase):
         self.assertEqual(received, [*range(1, 13), *range(first_in_memory, 32)])
 
     async def test_terminal_reaching_history_late_is_picked_up_at_next_keepalive(self):
-        # The runner publishes the terminal event before store.finish() writes it
-        # to the log; a subscriber that arrives in between reads the log without it.
+        # The runner writes the terminal event to the log before publishing it;
+        # should the log still get it late (another writer), a subscriber that
+        # read the log without it picks it up at its next keep-alive wake-up.
         self.make(keepalive=0.05)
         await self.publish(ev(1), ev(2), ev(3))
         await self.publish(ev(4, "complete"), persist=False)
@@ -292,7 +293,7 @@ class HistoryTests(BrokerTestCase):
             rest = await self.read_to_end(sub)
         self.assertEqual([c for c in rest if c != KEEPALIVE], [ev(4, "complete").sse])
 
-    # Regression (fixed in b1dd83c, MemoryBroker._ended_before): a subscription whose
+    # Regression (fixed in b1dd83c, memory._ended_by): a subscription whose
     # `after` was already at (or past) the terminal event never ended; it sent
     # keep-alives forever (an EventSource reconnecting with Last-Event-ID = the
     # terminal id after the server closed the stream was held open indefinitely).

@@ -5,6 +5,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -16,7 +18,7 @@ from streaming.models import ContinueTask, ExampleTask
 from streaming.tests.testapp.models import FragileTask, ScriptedTask
 
 from .servercase import ServerTestCase
-from .support import ServerProcess, manage, parse_sse, read_stream, wait_for
+from .support import REPO, ServerProcess, manage, parse_sse, read_stream, wait_for
 
 
 class ControlTests(ServerTestCase):
@@ -277,3 +279,51 @@ class CrashRecoveryTests(TransactionTestCase):
             self.assertEqual(error.data["type"], "Interrupted")
         finally:
             server.stop()
+
+
+class StreamClientTests(TransactionTestCase):
+    def start_client(self, server, task):
+        return subprocess.Popen(
+            [sys.executable, "stream_client.py", type(task).stream_name(), str(task.pk),
+             "--port", str(server.port)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def test_ctrl_c_closes_the_client_cleanly(self):
+        server = ServerProcess().start()
+        try:
+            task = ContinueTask.objects.create(poll_interval=0.1)
+            client = self.start_client(server, task)
+            lines = []
+            while "Event: STARTED" not in "".join(lines):
+                lines.append(client.stdout.readline())
+            client.send_signal(signal.SIGINT)
+            out = "".join(lines) + client.stdout.read()
+            err = client.stderr.read()
+            self.assertEqual(client.wait(10), 0)
+            self.assertIn("Connection closed by user", out)
+            self.assertNotIn("Traceback", err)
+        finally:
+            server.stop()
+
+    def test_client_resumes_across_a_server_restart(self):
+        server = ServerProcess().start()
+        client = None
+        try:
+            task = ScriptedTask.objects.create(steps=40, delay=0.1)
+            client = self.start_client(server, task)
+            first = client.stdout.readline()
+            self.assertEqual(first, "=" * 60 + "\n")
+            wait_for(lambda: len(read_stream(f"{server.url}{task.get_stream_path()}?history=all",
+                                             limit=5)) >= 5, message="five events")  # fmt: skip
+            server.kill9()
+            server = ServerProcess(port=server.port).start()
+            out, err = client.communicate(timeout=60)
+        finally:
+            server.stop()
+            if client:
+                client.kill()
+        self.assertEqual(client.returncode, 0, err)
+        self.assertIn("reconnecting", out)
+        self.assertIn("Stream ended with: COMPLETE", out)
+        self.assertIn("Event: RETRY", out)

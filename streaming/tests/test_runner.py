@@ -360,8 +360,9 @@ class CancellationTests(RunnerTestCase):
             )
             async with node.eventlog._lock:
                 await task.astart()
-                await eventually(lambda: any(e.event == "complete" for e in seen), message="complete")
-                run = node.runner.runs[key]  # process() returned; the run writes its result
+                # process() returned; the run is writing its result (blocked on the log).
+                await eventually(lambda: node.eventlog._lock._waiters, message="the end to be written")
+                run = node.runner.runs[key]
                 await task.acancel()
                 # The runner delivered the cancel: the run ended, or took it and went on.
                 await eventually(
