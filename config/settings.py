@@ -57,6 +57,7 @@ TEMPLATES = [
 ]
 
 ASGI_APPLICATION = "config.asgi.application"
+TEST_RUNNER = "streaming.tests.runner.StreamingTestRunner"
 WSGI_APPLICATION = "config.wsgi.application"
 
 DATABASES = {

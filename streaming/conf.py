@@ -40,6 +40,10 @@ class StreamingSettings:
     SHUTDOWN_GRACE: float = 0.0
     # Whether this server also runs tasks (False: it only serves streams).
     RUN_TASKS: bool = True
+    # Redis broker: entries kept per task stream (approximate cap), and how
+    # long a finished task's stream stays in Redis (the event log keeps all).
+    REDIS_STREAM_MAXLEN: int = 10_000
+    REDIS_STREAM_TTL: float = 3600.0
 
 
 @cache

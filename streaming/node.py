@@ -66,11 +66,29 @@ def current_node() -> Node | None:
     return _current
 
 
-def wake_local_runner() -> None:
-    """Thread-safe: tell this process's runner (if any) to look for work now."""
+def wake_runners() -> None:
+    """Thread-safe: tell runners to look for work now.
+
+    In a server process the broker does it (Redis: every node). In any other
+    process (create_task, shell) with a shared broker, a one-off publish does;
+    with the in-memory broker the server notices by itself (SQLite commit
+    watch, or its poll).
+    """
     node = _current
     if node is not None:
         node.broker.wake_runners()
+        return
+    url = get_settings().BROKER_URL
+    if url and url.startswith(("redis://", "rediss://", "unix://")):
+        import redis
+
+        from .broker.redis import WAKE_CHANNEL
+
+        try:
+            with redis.Redis.from_url(url, socket_timeout=2) as client:
+                client.publish(WAKE_CHANNEL, b"1")
+        except redis.RedisError as exc:
+            logger.warning("Could not wake the runners through Redis (%s); they poll", exc)
 
 
 def notify_row_changed(key: str) -> None:

@@ -301,7 +301,8 @@ class Runner:
         await self.eventlog.flush()
         if run.model.recovery == Recovery.RETRY and run.instance.attempts < run.model.max_attempts:
             await sync_to_async(store.finish)(run.model, run.pk, self.owner, Status.PENDING, None)
-            logger.info("Interrupted %s; it runs again when a server starts", run.key)
+            logger.info("Handed %s back; another runner (or the next start) takes it up", run.key)
+            await self.broker.wake()
             return
         message = "Task interrupted: the server shut down"
         await run.end(Status.FAILED, ERROR, {"message": message, "type": "Interrupted"}, error=message)

@@ -2,12 +2,20 @@
 
 import asyncio
 import importlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
 
 import uvicorn
 from django.conf import settings
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .http import ABORT_EXTENSION, StreamingApp
+from .worker import run_worker
+
+logger = logging.getLogger(__name__)
 
 
 class StreamingHttpProtocol(HttpToolsProtocol):
@@ -47,9 +55,8 @@ def load_app() -> StreamingApp:
     return app
 
 
-def serve(*, host="127.0.0.1", port=8888, uds=None, log_level="info") -> None:
-    app = load_app()
-    config = uvicorn.Config(
+def _config(app, *, host, port, uds, log_level) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -61,4 +68,45 @@ def serve(*, host="127.0.0.1", port=8888, uds=None, log_level="info") -> None:
         log_level=log_level,
         timeout_graceful_shutdown=5,
     )
-    StreamingServer(config, app).run()
+
+
+def serve(*, host="127.0.0.1", port=8888, uds=None, log_level="info", workers=1) -> None:
+    if workers > 1:
+        return _serve_workers(workers, host=host, port=port, uds=uds, log_level=log_level)
+    app = load_app()
+    StreamingServer(_config(app, host=host, port=port, uds=uds, log_level=log_level), app).run()
+
+
+def _serve_workers(workers: int, *, host, port, uds, log_level) -> None:
+    """Bind once, run ``workers`` processes on the socket, restart any that dies."""
+    config = _config(None, host=host, port=port, uds=uds, log_level=log_level)
+    sock = config.bind_socket()
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start():
+        process = context.Process(target=run_worker, args=(sock, log_level), daemon=False)
+        process.start()
+        return process
+
+    def stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+        # SIGTERM whatever came: a Ctrl+C reaches the workers from the
+        # terminal too, and a second SIGINT would make uvicorn force-quit.
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    processes = [start() for _ in range(workers)]
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping:
+        for i, process in enumerate(processes):
+            if not process.is_alive() and not stopping:
+                logger.warning("Worker %s exited with %s; starting another", process.pid, process.exitcode)
+                processes[i] = start()
+        time.sleep(0.5)
+    for process in processes:
+        process.join(30)
+    sock.close()

@@ -7,7 +7,7 @@ from django.dispatch import receiver
 
 from . import conf, registry
 from .base import Status, StreamTask
-from .node import notify_row_changed, wake_local_runner
+from .node import notify_row_changed, wake_runners
 
 
 @receiver(post_save)
@@ -17,7 +17,7 @@ def _task_saved(sender, instance, created, **kwargs):
     key = registry.task_key(sender, instance.pk)
     transaction.on_commit(lambda: notify_row_changed(key))
     if instance.status == Status.PENDING:
-        transaction.on_commit(wake_local_runner)
+        transaction.on_commit(wake_runners)
 
 
 @receiver(post_delete)

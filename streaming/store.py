@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
@@ -73,33 +73,48 @@ class Claim:
 
 
 def claim_pending(models, limit: int, owner: str, lease_seconds: float) -> list[Claim]:
+    """Take up to ``limit`` pending tasks for ``owner``; each goes to one runner only.
+
+    PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` hands concurrent
+    runners disjoint rows. SQLite (one writer at a time): a conditional
+    ``UPDATE ... WHERE status='pending'`` per row, which only one runner wins.
+    """
+    skip_locked = connection.features.has_select_for_update_skip_locked
     claims: list[Claim] = []
     for model in models:
-        if len(claims) >= limit:
+        wanted = limit - len(claims)
+        if wanted <= 0:
             break
-        pks = list(
-            model.objects.filter(status=Status.PENDING)
-            .order_by("pk")
-            .values_list("pk", flat=True)[: limit - len(claims)]
-        )
-        for pk in pks:
-            now = timezone.now()
+        pending = model.objects.filter(status=Status.PENDING).order_by("pk")
+        if skip_locked:
             with transaction.atomic():
-                won = model.objects.filter(pk=pk, status=Status.PENDING).update(
-                    status=Status.RUNNING,
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    attempts=F("attempts") + 1,
-                    started_at=now,
-                )
-                if not won:
-                    continue  # another runner was faster
-                instance = model.objects.get(pk=pk)
-                first = next_free_seq(model, pk, instance.seq_reserved)
-                instance.seq_reserved = first + SEQ_BLOCK - 1
-                model.objects.filter(pk=pk).update(seq_reserved=instance.seq_reserved)
-            claims.append(Claim(instance, first, instance.seq_reserved))
+                pks = list(pending.select_for_update(skip_locked=True).values_list("pk", flat=True)[:wanted])
+                claims.extend(c for pk in pks if (c := _take(model, pk, owner, lease_seconds)))
+            continue
+        for pk in list(pending.values_list("pk", flat=True)[:wanted]):
+            with transaction.atomic():
+                claim = _take(model, pk, owner, lease_seconds)
+            if claim:
+                claims.append(claim)
     return claims
+
+
+def _take(model, pk, owner: str, lease_seconds: float) -> Claim | None:
+    now = timezone.now()
+    won = model.objects.filter(pk=pk, status=Status.PENDING).update(
+        status=Status.RUNNING,
+        lease_owner=owner,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+        attempts=F("attempts") + 1,
+        started_at=now,
+    )
+    if not won:
+        return None  # another runner was faster
+    instance = model.objects.get(pk=pk)
+    first = next_free_seq(model, pk, instance.seq_reserved)
+    instance.seq_reserved = first + SEQ_BLOCK - 1
+    model.objects.filter(pk=pk).update(seq_reserved=instance.seq_reserved)
+    return Claim(instance, first, instance.seq_reserved)
 
 
 def reserve_seq(model, pk, owner: str, upto: int) -> bool:
@@ -241,9 +256,9 @@ def cancel_task(instance: StreamTask) -> str:
 
 
 def _wake_after_commit():
-    from .node import wake_local_runner
+    from .node import wake_runners
 
-    transaction.on_commit(wake_local_runner)
+    transaction.on_commit(wake_runners)
 
 
 # -- the event log ----------------------------------------------------------------

@@ -35,5 +35,9 @@ class Broker(ABC):
         """Tell runners that rows changed (a task was created, started, cancelled)."""
 
     @abstractmethod
+    async def wake(self) -> None:
+        """wake_runners() from the event loop, done when the wake-up is sent."""
+
+    @abstractmethod
     def on_wake(self, callback: Callable[[], None]) -> None:
         """Register a runner's callback for wake_runners()."""

@@ -63,7 +63,12 @@ class MemoryBroker(Broker):
         channel = self._channels.get(key)
         if channel is None:
             channel = self._channels[key] = Channel()
+        self._append(key, channel, event)
+
+    def _append(self, key: str, channel: Channel, event: Event) -> None:
         events = channel.events
+        if events and event.seq <= events[-1].seq:
+            return  # already here (another path delivered it first)
         events.append(event)
         if len(events) > 2 * self._history_size:
             del events[: len(events) - self._history_size]
@@ -74,6 +79,9 @@ class MemoryBroker(Broker):
     def wake_runners(self) -> None:
         for callback in self._wake_callbacks:
             callback()
+
+    async def wake(self) -> None:
+        self.wake_runners()
 
     def on_wake(self, callback: Callable[[], None]) -> None:
         self._wake_callbacks.append(callback)

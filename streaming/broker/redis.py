@@ -1,0 +1,205 @@
+"""The Redis broker: many processes and machines share one Redis.
+
+- Each task's recent events live in a Redis Stream, ``streaming:events:<key>``,
+  whose entry ids are the events' sequence numbers (``<seq>-0``), so any node
+  can serve late joiners and ``Last-Event-ID`` resumes with one XRANGE. The
+  stream is capped (``REDIS_STREAM_MAXLEN``, approximate) and expires
+  ``REDIS_STREAM_TTL`` seconds after the task's terminal event; older events
+  come from the event log in the database, the durable record.
+- A node reads Redis once for all the tasks its clients watch: one blocking
+  XREAD over every watched stream, on one connection, whatever the number of
+  clients. Events are fanned out locally by the in-memory machinery this
+  class inherits (one shared list per task, a cursor per client).
+- Runner wake-ups (a task was created, started or cancelled anywhere) go
+  through the pub/sub channel ``streaming:wake``.
+"""
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from ..events import Event
+from .memory import MemoryBroker
+
+logger = logging.getLogger(__name__)
+
+STREAM_PREFIX = "streaming:events:"
+WAKE_CHANNEL = "streaming:wake"
+READ_BLOCK_MS = 100  # a newly watched task joins the shared read within this
+
+
+def stream_name(key: str) -> str:
+    return STREAM_PREFIX + key
+
+
+def _event(entry_id: bytes, fields: dict) -> Event:
+    return Event(int(entry_id.split(b"-", 1)[0]), fields[b"t"].decode(), fields[b"p"].decode())
+
+
+class RedisHistory:
+    """Recent events from the Redis Stream, older ones from the event log."""
+
+    def __init__(self, broker: "RedisBroker", log):
+        self._broker = broker
+        self._log = log
+
+    async def read(self, task_type: str, task_id: str, after: int, limit: int) -> list[Event]:
+        redis = self._broker.redis
+        name = stream_name(f"{task_type}:{task_id}")
+        recent = [_event(i, f) for i, f in await redis.xrange(name, f"({after}-0", "+", count=limit)]
+        if recent and recent[0].seq == after + 1:
+            return recent
+        # The stream does not reach back to `after` (capped, expired, or a
+        # numbering gap): take what the log has below the stream's start.
+        logged = await self._log.read(task_type, task_id, after, limit)
+        if recent:
+            logged = [e for e in logged if e.seq < recent[0].seq]
+        return (logged + recent)[:limit]
+
+    async def last(self, task_type: str, task_id: str) -> Event | None:
+        entries = await self._broker.redis.xrevrange(stream_name(f"{task_type}:{task_id}"), "+", "-", count=1)
+        if entries:
+            return _event(*entries[0])
+        return await self._log.last(task_type, task_id)
+
+
+class RedisBroker(MemoryBroker):
+    def __init__(self, url: str, *, history, settings):
+        super().__init__(history=RedisHistory(self, history), settings=settings)
+        self.url = url
+        self._maxlen = settings.REDIS_STREAM_MAXLEN
+        self._ttl = int(settings.REDIS_STREAM_TTL)
+        self.redis = aioredis.Redis.from_url(url)
+        self._reader = aioredis.Redis.from_url(url)  # its own connection: XREAD blocks it
+        self._watched: dict[str, int] = {}  # key -> local subscriptions
+        self._cursors: dict[str, bytes] = {}  # key -> last stream id read
+        self._watch_changed = asyncio.Event()
+        self._publishing: set[str] = set()  # tasks a runner of this node is running
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.redis.ping()
+        self._tasks = [
+            asyncio.create_task(self._read_streams(), name="streaming-redis-read"),
+            asyncio.create_task(self._listen_wakeups(), name="streaming-redis-wake"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.redis.aclose()
+        await self._reader.aclose()
+
+    # -- runner side --------------------------------------------------------------
+
+    async def publish(self, key: str, event: Event) -> None:
+        name = stream_name(key)
+        try:
+            await self.redis.xadd(
+                name,
+                {"t": event.type, "p": event.payload},
+                id=f"{event.seq}-0",
+                maxlen=self._maxlen,
+                approximate=True,
+            )
+        except ResponseError as exc:
+            if "equal or smaller" not in str(exc):
+                raise
+            logger.warning("Event %s of %s was in Redis already", event.seq, key)
+        if event.terminal:
+            self._publishing.discard(key)
+            await self.redis.expire(name, self._ttl)
+        else:
+            self._publishing.add(key)
+        await super().publish(key, event)  # this node's watchers, without a round trip
+
+    def wake_runners(self) -> None:
+        # Called from any thread (on_commit callbacks run in the ORM's).
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(
+                lambda: asyncio.ensure_future(self.wake()).add_done_callback(_log_failure)
+            )
+
+    async def wake(self) -> None:
+        await self.redis.publish(WAKE_CHANNEL, b"1")
+
+    async def _listen_wakeups(self) -> None:
+        while True:
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(WAKE_CHANNEL)
+                async for _message in pubsub.listen():
+                    for callback in self._wake_callbacks:
+                        callback()
+            except asyncio.CancelledError:
+                raise
+            except (RedisConnectionError, OSError):
+                logger.warning("Lost the Redis wake-up channel; reconnecting")
+                await asyncio.sleep(1)
+
+    # -- HTTP side ----------------------------------------------------------------------
+
+    async def subscribe(self, key: str, after: int | None):
+        await self._watch(key)
+        try:
+            async with contextlib.aclosing(super().subscribe(key, after)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self._unwatch(key)
+
+    async def _watch(self, key: str) -> None:
+        self._watched[key] = self._watched.get(key, 0) + 1
+        if key not in self._cursors:
+            # Read from the stream's current end: what came before reaches the
+            # subscriber through its history read.
+            top = await self.redis.xrevrange(stream_name(key), "+", "-", count=1)
+            self._cursors[key] = top[0][0] if top else b"0-0"
+            self._watch_changed.set()
+
+    def _unwatch(self, key: str) -> None:
+        self._watched[key] -= 1
+        if self._watched[key] == 0:
+            del self._watched[key]
+            self._cursors.pop(key, None)
+            channel = self._channels.get(key)
+            if channel is not None and channel.refs == 0 and key not in self._publishing:
+                del self._channels[key]  # no reader feeds it any more
+
+    async def _read_streams(self) -> None:
+        """One XREAD for every watched task; events go to the local channels."""
+        while True:
+            if not self._cursors:
+                self._watch_changed.clear()
+                await self._watch_changed.wait()
+                continue
+            streams = {stream_name(key): cursor for key, cursor in self._cursors.items()}
+            try:
+                replies = await self._reader.xread(streams, count=1000, block=READ_BLOCK_MS)
+            except asyncio.CancelledError:
+                raise
+            except (RedisConnectionError, OSError):
+                logger.warning("Lost the Redis stream reader; reconnecting")
+                await asyncio.sleep(0.5)
+                continue
+            for name, entries in replies or ():
+                key = name.decode()[len(STREAM_PREFIX) :]
+                if key not in self._cursors:
+                    continue  # nobody here watches it any more
+                channel = self._channels.get(key)
+                for entry_id, fields in entries:
+                    if channel is not None:
+                        self._append(key, channel, _event(entry_id, fields))
+                    self._cursors[key] = entry_id
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("Redis wake-up failed: %s", task.exception())

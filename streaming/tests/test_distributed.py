@@ -1,0 +1,194 @@
+"""Many nodes, one PostgreSQL, one Redis: end to end with real services.
+
+These run when the suite itself runs on PostgreSQL with the Redis broker:
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \\
+    STREAMING_BROKER_URL=redis://127.0.0.1:6379/0 \\
+    poetry run python manage.py test --noinput
+
+Otherwise they skip (saying so); with STREAMING_REQUIRE_DISTRIBUTED=1 (CI)
+a skip is a failure.
+"""
+
+import collections
+import contextlib
+import os
+import threading
+import unittest
+
+import httpx
+from django.db import connection
+from django.test import TransactionTestCase
+
+from streaming.conf import get_settings
+from streaming.tests.testapp.models import ScriptedTask
+
+from .support import ServerProcess, read_stream, wait_for
+
+HOW = (
+    "distributed tests need PostgreSQL and Redis: run the suite with "
+    "DATABASE_URL=postgres://postgres@127.0.0.1:5432/test "
+    "STREAMING_BROKER_URL=redis://127.0.0.1:6379/0"
+)
+
+
+def distributed_mode() -> bool:
+    url = get_settings().BROKER_URL or ""
+    return connection.vendor == "postgresql" and url.startswith("redis")
+
+
+class DistributedTestCase(TransactionTestCase):
+    nodes = 3
+    node_settings = {"lease_seconds": 3}
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        if not distributed_mode():
+            if os.environ.get("STREAMING_REQUIRE_DISTRIBUTED") == "1":
+                raise AssertionError(f"STREAMING_REQUIRE_DISTRIBUTED=1 but {HOW}")
+            raise unittest.SkipTest(HOW)
+
+    def setUp(self):
+        self.servers = [ServerProcess(**self.node_settings).start() for _ in range(self.nodes)]
+
+    def tearDown(self):
+        for server in self.servers:
+            server.stop()
+
+    @staticmethod
+    def running_on(server, tasks):
+        pid = f":{server.proc.pid}:"
+        return [
+            task
+            for task in ScriptedTask.objects.filter(pk__in=[t.pk for t in tasks], status="running")
+            if task.lease_owner and pid in task.lease_owner
+        ]
+
+    def url(self, server, task, **query):
+        path = task.get_stream_path()
+        if query:
+            path += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+        return f"{server.url}{path}"
+
+
+class ManyNodesTests(DistributedTestCase):
+    def test_every_client_on_every_node_gets_every_event_once_and_each_task_runs_once(self):
+        tasks = [ScriptedTask.objects.create(steps=10, delay=0.02, status="created") for _ in range(30)]
+        received = collections.defaultdict(list)
+        errors = []
+
+        def watch(task, server, slot):
+            try:
+                received[(task.pk, slot)] = read_stream(
+                    self.url(server, task), headers={"Last-Event-ID": "0"}, timeout=60
+                )
+            except Exception as exc:  # reported below, with the node
+                errors.append((task.pk, server.port, exc))
+
+        readers = []
+        for i, task in enumerate(tasks):
+            for slot in range(3):  # three clients per task, on three different nodes
+                server = self.servers[(i + slot) % len(self.servers)]
+                readers.append(threading.Thread(target=watch, args=(task, server, slot)))
+        for reader in readers:
+            reader.start()
+        # Start them from this process: the wake-up goes through Redis.
+        for task in tasks:
+            task.start()
+        for reader in readers:
+            reader.join(90)
+        self.assertEqual(errors, [])
+        expected = [(seq, "step") for seq in range(1, 11)] + [(11, "complete")]
+        for task in tasks:
+            for slot in range(3):
+                self.assertEqual(
+                    [(e.id, e.event) for e in received[(task.pk, slot)]], expected, (task.pk, slot)
+                )
+        for task in tasks:
+            task.refresh_from_db()
+            self.assertEqual((task.status, task.attempts), ("completed", 1), "ran exactly once")
+
+    def test_a_node_killed_mid_run_its_tasks_finish_elsewhere_and_clients_resume(self):
+        tasks = [ScriptedTask.objects.create(steps=30, delay=0.1) for _ in range(9)]
+        seen = collections.defaultdict(list)
+
+        def watch(task, server):
+            with contextlib.suppress(httpx.HTTPError, AssertionError):
+                read_stream(
+                    self.url(server, task),
+                    headers={"Last-Event-ID": "0"},
+                    on_event=seen[(task.pk, server.port)].append,
+                    timeout=60,
+                )
+
+        readers = [
+            threading.Thread(target=watch, args=(task, server)) for task in tasks for server in self.servers
+        ]
+        for reader in readers:
+            reader.start()
+
+        def all_running():
+            return all(ScriptedTask.objects.get(pk=t.pk).status == "running" for t in tasks)
+
+        wait_for(all_running, timeout=20, message="every task to run")
+        victim = max(self.servers, key=lambda server: len(self.running_on(server, tasks)))
+        survivors = [server for server in self.servers if server is not victim]
+        on_victim = self.running_on(victim, tasks)
+        self.assertTrue(on_victim)
+        wait_for(lambda: all(len(seen[(t.pk, victim.port)]) >= 3 for t in tasks), timeout=20)
+        victim.kill9()
+        for reader in readers:
+            reader.join(60)
+        for task in tasks:
+            # The client that was on the dead node resumes on another with Last-Event-ID.
+            before = seen[(task.pk, victim.port)]
+            last = before[-1].id
+            rest = read_stream(
+                self.url(survivors[task.pk % 2], task),
+                headers={"Last-Event-ID": str(last)},
+                timeout=60,
+            )
+            self.assertEqual(rest[-1].event, "complete", task.pk)
+            full = read_stream(self.url(survivors[0], task, history="all"), timeout=30)
+            ids = [e.id for e in full]
+            self.assertEqual(ids, sorted(set(ids)))
+            self.assertEqual([e.id for e in rest], [i for i in ids if i > last], "no gap")
+            # Clients that stayed on live nodes saw the whole task end.
+            for server in survivors:
+                self.assertEqual(seen[(task.pk, server.port)][-1].event, "complete")
+        for task in tasks:
+            task.refresh_from_db()
+            self.assertEqual(task.status, "completed")
+        for task in on_victim:
+            task.refresh_from_db()
+            self.assertEqual(task.attempts, 2, "taken up again by another node")
+
+
+class GracefulShutdownTests(DistributedTestCase):
+    # Leases far longer than the test: only a hand-back explains a quick resume.
+    node_settings = {"lease_seconds": 60}
+
+    def test_sigterm_hands_running_tasks_to_another_node_at_once(self):
+        tasks = [ScriptedTask.objects.create(steps=40, delay=0.1) for _ in range(6)]
+        wait_for(
+            lambda: ScriptedTask.objects.filter(status="running").count() == len(tasks),
+            timeout=20,
+            message="every task to run",
+        )
+        leaving = max(self.servers, key=lambda server: len(self.running_on(server, tasks)))
+        handed = self.running_on(leaving, tasks)
+        self.assertTrue(handed)
+        leaving.stop()
+        self.assertIn("Handed", leaving.log())
+        for task in handed:
+            task.refresh_from_db()
+            self.assertNotIn(f":{leaving.proc.pid}:", task.lease_owner or "")
+        wait_for(
+            lambda: all(ScriptedTask.objects.get(pk=t.pk).status == "completed" for t in tasks),
+            timeout=30,
+            message="every task to complete on the remaining nodes",
+        )
+        for task in handed:
+            task.refresh_from_db()
+            self.assertEqual(task.attempts, 2)
