@@ -79,6 +79,8 @@ class RedisBroker(MemoryBroker):
         self._cursors: dict[str, bytes] = {}  # key -> last stream id read
         self._watch_changed = asyncio.Event()
         self._publishing: set[str] = set()  # tasks a runner of this node is running
+        self._outbox: list[tuple[str, Event]] = []
+        self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -88,37 +90,75 @@ class RedisBroker(MemoryBroker):
         self._tasks = [
             asyncio.create_task(self._read_streams(), name="streaming-redis-read"),
             asyncio.create_task(self._listen_wakeups(), name="streaming-redis-wake"),
+            asyncio.create_task(self._send_outbox(), name="streaming-redis-send"),
         ]
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.flush()
+        except (RedisConnectionError, OSError):
+            logger.warning("Redis unreachable at shutdown; %d events not sent", len(self._outbox))
         await self.redis.aclose()
         await self._reader.aclose()
 
     # -- runner side --------------------------------------------------------------
 
     async def publish(self, key: str, event: Event) -> None:
-        name = stream_name(key)
-        try:
-            await self.redis.xadd(
-                name,
-                {"t": event.type, "p": event.payload},
-                id=f"{event.seq}-0",
-                maxlen=self._maxlen,
-                approximate=True,
-            )
-        except ResponseError as exc:
-            if "equal or smaller" not in str(exc):
-                raise
-            logger.warning("Event %s of %s was in Redis already", event.seq, key)
+        # This node's watchers at once; Redis in order, in pipelined batches,
+        # so a chatty task is not held to one round trip per event.
         if event.terminal:
             self._publishing.discard(key)
-            await self.redis.expire(name, self._ttl)
         else:
             self._publishing.add(key)
-        await super().publish(key, event)  # this node's watchers, without a round trip
+        self._outbox.append((key, event))
+        self._outbox_ready.set()
+        await super().publish(key, event)
+
+    async def _send_outbox(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, []
+            if not batch:
+                continue
+            try:
+                await self._xadd(batch)
+            except asyncio.CancelledError:
+                self._outbox[:0] = batch
+                raise
+            except (RedisConnectionError, OSError):
+                logger.warning("Redis unreachable; %d events wait to be sent", len(batch))
+                self._outbox[:0] = batch
+                await asyncio.sleep(0.5)
+                self._outbox_ready.set()
+
+    async def _xadd(self, batch) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, event in batch:
+                name = stream_name(key)
+                pipe.xadd(
+                    name,
+                    {"t": event.type, "p": event.payload},
+                    id=f"{event.seq}-0",
+                    maxlen=self._maxlen,
+                    approximate=True,
+                )
+                if event.terminal:
+                    pipe.expire(name, self._ttl)
+            for result in await pipe.execute(raise_on_error=False):
+                if isinstance(result, ResponseError):
+                    if "equal or smaller" not in str(result):
+                        raise result
+                    logger.warning("An event was in Redis already (%s)", result)
+
+    async def flush(self) -> None:
+        """Send what publish() queued (used on shutdown)."""
+        batch, self._outbox = self._outbox, []
+        if batch:
+            await self._xadd(batch)
 
     def wake_runners(self) -> None:
         # Called from any thread (on_commit callbacks run in the ORM's).
@@ -161,8 +201,11 @@ class RedisBroker(MemoryBroker):
             # Read from the stream's current end: what came before reaches the
             # subscriber through its history read.
             top = await self.redis.xrevrange(stream_name(key), "+", "-", count=1)
-            self._cursors[key] = top[0][0] if top else b"0-0"
-            self._watch_changed.set()
+            # Another subscription of this key may have registered it meanwhile,
+            # and the reader moved on from there: never move a cursor forward.
+            if key in self._watched and key not in self._cursors:
+                self._cursors[key] = top[0][0] if top else b"0-0"
+                self._watch_changed.set()
 
     def _unwatch(self, key: str) -> None:
         self._watched[key] -= 1
