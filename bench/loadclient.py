@@ -27,6 +27,7 @@ class StreamCounter(asyncio.Protocol):
         self.measure = measure_latency
         self.headers_done = False
         self.buffer = b""
+        self.tail = b""
         self.events = 0
         self.done = False
 
@@ -41,7 +42,10 @@ class StreamCounter(asyncio.Protocol):
                 return
             self.headers_done = True
             self.run.headers_seen()
-        count = data.count(b"\nid: ")
+        # An "\nid: " split across two reads still counts once: look at the
+        # last 4 bytes of the previous read too (too short to hold a whole one).
+        count = (self.tail + data).count(b"\nid: ")
+        self.tail = data[-4:]
         if not count:
             return
         if self.run.first is None:

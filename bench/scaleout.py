@@ -1,7 +1,7 @@
 """Scale-out: fanout through the Redis broker with 1, 2 and 4 server processes,
 against one process with the in-memory broker, in one run.
 
-    poetry run python bench/scaleout.py [--watchers 1000] [--events 1000] [--rate 100]
+    poetry run python bench/scaleout.py [--watchers 1000] [--events 1000] [--rate 20]
 
 Needs Redis at 127.0.0.1:6379 (uses database 9 and empties it). One task sends
 --events events as fast as it can (then at --rate events/s); --watchers clients
@@ -36,8 +36,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--watchers", type=int, default=1000)
     parser.add_argument("--events", type=int, default=1000)
-    parser.add_argument("--rate", type=float, default=100)
-    parser.add_argument("--rate-events", type=int, default=300)
+    parser.add_argument("--rate", type=float, default=20)
+    parser.add_argument("--rate-events", type=int, default=100)
     args = parser.parse_args()
     setup_django()
     import redis

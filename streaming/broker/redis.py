@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 STREAM_PREFIX = "streaming:events:"
 WAKE_CHANNEL = "streaming:wake"
 READ_BLOCK_MS = 100  # a newly watched task joins the shared read within this
+REDIS_POOL_SIZE = 32  # connections per node for publishing and history reads
 
 
 def stream_name(key: str) -> str:
@@ -73,7 +74,13 @@ class RedisBroker(MemoryBroker):
         self.url = url
         self._maxlen = settings.REDIS_STREAM_MAXLEN
         self._ttl = int(settings.REDIS_STREAM_TTL)
-        self.redis = aioredis.Redis.from_url(url)
+        # A burst of new subscribers queues for a connection instead of
+        # failing with "Too many connections" (seen at 1,000 at once).
+        self.redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=REDIS_POOL_SIZE, timeout=30
+            )
+        )
         self._reader = aioredis.Redis.from_url(url)  # its own connection: XREAD blocks it
         self._watched: dict[str, int] = {}  # key -> local subscriptions
         self._cursors: dict[str, bytes] = {}  # key -> last stream id read
