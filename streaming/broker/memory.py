@@ -105,11 +105,14 @@ class MemoryBroker(Broker):
                 batch = self._from_memory(channel, after)
                 if batch is None:
                     batch = await self._history.read(task_type, task_id, after, self._history_size)
-                    if channel.events:
+                    if channel.events:  # it may have filled while we read the log
                         first_in_memory = channel.events[0].seq
                         batch = [e for e in batch if e.seq < first_in_memory]
-                        if not batch:  # a gap the log does not fill (persistence off)
-                            after = first_in_memory - 1
+                        if not batch:
+                            # A gap the log does not fill (persistence off), or
+                            # memory caught up meanwhile: go on from memory,
+                            # never back before what this client already has.
+                            after = max(after, first_in_memory - 1)
                             continue
                 if batch:
                     chunk, after, terminal = self._chunk(batch)

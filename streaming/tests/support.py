@@ -75,10 +75,11 @@ def manage(*args, timeout=60, **streaming) -> subprocess.CompletedProcess:
 class ServerProcess:
     """``manage.py runserver_stream`` on a free port, on the test database."""
 
-    def __init__(self, *, port=None, socket_path=None, **streaming):
+    def __init__(self, *, port=None, socket_path=None, workers=1, **streaming):
         streaming.setdefault("poll_interval", 0.05)
         self.port = port or free_port()
         self.socket_path = socket_path
+        self.workers = workers
         self.streaming = streaming
         self.proc: subprocess.Popen | None = None
         self.log_path = None
@@ -96,7 +97,7 @@ class ServerProcess:
         self.log_path = log.name
         where = ["--socket", self.socket_path] if self.socket_path else ["--port", str(self.port)]
         self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "runserver_stream", *where],
+            [sys.executable, "manage.py", "runserver_stream", *where, "--workers", str(self.workers)],
             cwd=REPO,
             env=subprocess_env(**self.streaming),
             stdout=log,

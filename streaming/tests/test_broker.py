@@ -563,3 +563,27 @@ class WakeTests(BrokerTestCase):
         self.assertEqual(calls, ["a", "b"])
         self.broker.wake_runners()
         self.assertEqual(calls, ["a", "b", "a", "b"])
+
+
+class MemoryFillsDuringLogReadTests(BrokerTestCase):
+    async def test_a_client_never_goes_back_when_memory_fills_while_it_reads_the_log(self):
+        # The Redis broker's reader fills a new channel from older events while
+        # a subscriber, already past them, reads the log: it must not replay.
+        self.make(keepalive=0.05)
+        self.history.add(KEY, ev(1), ev(2), ev(3), ev(4))
+        original_read = self.history.read
+
+        async def read_while_memory_fills(*args):
+            events = await original_read(*args)
+            for event in (ev(1), ev(2), ev(3), ev(4), ev(5)):
+                await self.broker.publish(KEY, event)
+            return events
+
+        async with contextlib.aclosing(self.broker.subscribe(KEY, 3)) as sub:
+            self.history.read = read_while_memory_fills
+            first = await self.next_chunk(sub)
+            self.history.read = original_read
+            received = seqs_of(first)
+            while received[-1] < 5:
+                received += seqs_of(await self.next_chunk(sub))
+        self.assertEqual(received, [4, 5])

@@ -192,3 +192,38 @@ class GracefulShutdownTests(DistributedTestCase):
         for task in handed:
             task.refresh_from_db()
             self.assertEqual(task.attempts, 2)
+
+
+class WorkersTests(DistributedTestCase):
+    nodes = 0
+
+    def test_workers_share_one_port_and_serve_every_event(self):
+        server = ServerProcess(workers=2).start()
+        self.servers.append(server)
+        wait_for(lambda: server.log().count("Streaming node started") == 2, message="both workers")
+        tasks = [ScriptedTask.objects.create(steps=5, delay=0.05, status="created") for _ in range(6)]
+        results = {}
+        readers = [
+            threading.Thread(
+                target=lambda t=t, i=i: results.__setitem__(
+                    (t.pk, i), read_stream(self.url(server, t), headers={"Last-Event-ID": "0"})
+                )
+            )
+            for t in tasks
+            for i in range(4)
+        ]
+        for reader in readers:
+            reader.start()
+        for task in tasks:
+            task.start()
+        for reader in readers:
+            reader.join(60)
+        for (pk, _), events in results.items():
+            self.assertEqual([e.id for e in events], [1, 2, 3, 4, 5, 6], pk)
+        self.assertEqual(len(results), 24)
+        owners = {
+            line.split("(")[1].split(")")[0]
+            for line in server.log().splitlines()
+            if "Streaming node started" in line
+        }
+        self.assertEqual(len(owners), 2, "two worker processes, each its own node")

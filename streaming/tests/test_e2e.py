@@ -61,6 +61,12 @@ class ControlTests(ServerTestCase):
         self.assertNotEqual(again.returncode, 0)
         self.assertIn("cannot be started", again.stderr)
 
+    def test_workers_need_a_shared_broker(self):
+        result = manage("runserver_stream", "--workers", "2", "--port", "1", broker_url="")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("needs a broker that processes share", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
     def test_management_commands_reject_bad_input(self):
         for args, message in [
             (("cancel_task", "NoSuchTask", "1"), "Unknown task model"),
