@@ -85,20 +85,17 @@ class Server:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         if children.exists():
             pids += [int(p) for p in children.read_text().split()]
-        total = 0
-        for pid in pids:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        return total
+        return _rss_kb(pids)
 
 
-def load(port: int, path: str, *, connections: int, expect: int, start, timeout=300) -> dict:
+def load(
+    port: int, path: str, *, connections: int, expect: int, start, timeout=300, latency_sample=50
+) -> dict:
     """Run the load client; call ``start()`` once all its connections are open."""
     client = subprocess.Popen(
         [sys.executable, str(REPO / "bench" / "loadclient.py"), "--port", str(port),
          "--path", path, "--connections", str(connections), "--expect", str(expect),
-         "--timeout", str(timeout)],
+         "--timeout", str(timeout), "--latency-sample", str(latency_sample)],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     line = client.stdout.readline()
@@ -124,3 +121,45 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+class Ceiling:
+    """bench/ceiling.py as a subprocess."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "ceiling.py"), "--port", str(self.port)], cwd=REPO
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).text == "OK":
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("ceiling server did not start")
+            time.sleep(0.05)
+
+    def start(self, events: int, delay: float = 0.0, payload: int = 100) -> None:
+        httpx.get(
+            f"http://127.0.0.1:{self.port}/start?events={events}&delay={delay}&payload={payload}",
+            timeout=10,
+        )
+
+    def rss_kb(self) -> int:
+        return _rss_kb([self.proc.pid])
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _rss_kb(pids) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
