@@ -121,7 +121,7 @@ class StreamTask(models.Model):
         if run is None:
             raise RuntimeError(
                 f"{type(self).__name__}.send_event() works only while a streaming server "
-                "runs the task (manage.py runserver_stream, or streaming.runner.run_task in tests)"
+                "runs the task (manage.py runserver_stream, or a streaming.node.Node in tests)"
             )
         return run
 

@@ -31,12 +31,15 @@ class EventLog:
             batch, self._pending = self._pending, []
             if not batch:
                 return
+            written = 0
             try:
                 for start in range(0, len(batch), self.batch_size):
                     await sync_to_async(store.write_events)(batch[start : start + self.batch_size])
-            except Exception:
-                # Keep the events for the next tick rather than lose them.
-                self._pending[:0] = batch
+                    written = start + self.batch_size
+            except BaseException:
+                # Failed or cancelled: keep what is not surely written for the
+                # next flush (a write that did land is skipped as a duplicate).
+                self._pending[:0] = batch[written:]
                 raise
 
     async def read(self, task_type: str, task_id: str, after: int, limit: int) -> list[Event]:

@@ -132,8 +132,8 @@ class StreamingApp:
         raw_after = dict(scope["headers"]).get(b"last-event-id", b"").decode("latin-1").strip()
         raw_after = raw_after or (query.get("last_event_id") or [""])[0]
         if raw_after:
-            if not raw_after.isdigit():
-                raise BadRequest(f"Malformed Last-Event-ID {raw_after!r}: expected an integer\n")
+            if not (raw_after.isascii() and raw_after.isdigit() and len(raw_after) <= 18):
+                raise BadRequest(f"Malformed Last-Event-ID {raw_after!r}: expected a non-negative integer\n")
             after = int(raw_after)
         history = (query.get("history") or [""])[0]
         if history:

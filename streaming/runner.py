@@ -36,6 +36,7 @@ class TaskRun:
         self.task: asyncio.Task | None = None
         self._reserve_lock = asyncio.Lock()
         self._row_changed = asyncio.Event()
+        self._terminal: Event | None = None
 
     async def send(self, event_type: str, data) -> Event:
         event = await self.number(event_type, data)
@@ -50,7 +51,13 @@ class TaskRun:
             async with self._reserve_lock:
                 if self.next_seq > self.reserved_to:
                     upto = self.next_seq + store.SEQ_BLOCK - 1
-                    await sync_to_async(store.reserve_seq)(self.model, self.pk, self.runner.owner, upto)
+                    if not await sync_to_async(store.reserve_seq)(
+                        self.model, self.pk, self.runner.owner, upto
+                    ):
+                        # Another runner owns the task now: numbering on would
+                        # collide with its numbers.
+                        self.lease_lost = True
+                        raise asyncio.CancelledError
                     self.reserved_to = upto
         seq = self.next_seq
         self.next_seq += 1
@@ -60,16 +67,23 @@ class TaskRun:
             build_payload(data, task_id=self.pk, model_name=self.model.stream_name()),
         )
 
-    async def end(self, status: str, event_type: str, data, **fields) -> None:
+    async def end(self, status: str, event_type: str, data, **fields) -> bool:
         """Write the terminal event with the row's final state, then announce it.
 
         Durable first: a client arriving at any moment finds the end either
-        in the log or live, never in neither.
+        in the log or live, never in neither. Safe to call again after a
+        failure (the event keeps its number). False: the lease was lost, and
+        nothing is announced (the new owner ends the task).
         """
-        terminal = await self.number(event_type, data)
+        if self._terminal is None:
+            self._terminal = await self.number(event_type, data)
         await self.runner.eventlog.flush()
-        await sync_to_async(store.finish)(self.model, self.pk, self.runner.owner, status, terminal, **fields)
-        await self.runner.broker.publish(self.key, terminal)
+        won = await sync_to_async(store.finish)(
+            self.model, self.pk, self.runner.owner, status, self._terminal, **fields
+        )
+        if won:
+            await self.runner.broker.publish(self.key, self._terminal)
+        return won
 
     def row_changed(self) -> None:
         self._row_changed.set()
@@ -93,6 +107,8 @@ class Runner:
         self._wake = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self._step_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         broker.on_wake(self.wake_threadsafe)
 
@@ -115,7 +131,6 @@ class Runner:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_task = asyncio.create_task(self._main(), name="streaming-runner")
-        self._watch_task = None
         if connection.vendor == "sqlite":
             self._watch_task = asyncio.create_task(
                 self._watch_sqlite(connection.settings_dict["NAME"]), name="streaming-sqlite-watch"
@@ -144,35 +159,46 @@ class Runner:
             watcher.close()
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Stop claiming; give running tasks ``grace`` s, then interrupt the rest."""
+        """Stop claiming; give running tasks ``grace`` s, then interrupt the rest.
+
+        The loop is not cancelled mid-step: a claim already sent to the
+        database would commit with nobody to run (or hand back) its tasks.
+        """
         self._stopping = True
-        for task in (self._loop_task, getattr(self, "_watch_task", None)):
-            if task:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        self._wake.set()
+        async with self._step_lock:  # the current step (maybe a claim) is done
+            pass
+        if self._watch_task:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
         tasks = [run.task for run in self.runs.values() if run.task]
         if tasks and grace > 0:
-            await asyncio.wait(tasks, timeout=grace)
+            await asyncio.wait(tasks, timeout=grace)  # leases stay renewed meanwhile
         for run in list(self.runs.values()):
             if run.task and not run.task.done():
                 run.task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
 
     async def _main(self) -> None:
         settings = self.settings
         maintenance_every = settings.LEASE_SECONDS / 3
         next_maintenance = 0.0
         while True:
-            try:
-                now = time.monotonic()
-                if now >= next_maintenance:
-                    next_maintenance = now + maintenance_every
-                    await self._maintain()
-                await self._claim()
-                if self.runs:
-                    await self._check_cancellations()
-            except Exception:
-                logger.exception("Runner step failed; trying again")
+            async with self._step_lock:
+                try:
+                    now = time.monotonic()
+                    if now >= next_maintenance:
+                        next_maintenance = now + maintenance_every
+                        await self._maintain()
+                    if not self._stopping:
+                        await self._claim()
+                    if self.runs:
+                        await self._check_cancellations()
+                except Exception:
+                    logger.exception("Runner step failed; trying again")
             try:
                 async with asyncio.timeout(settings.POLL_INTERVAL):
                     await self._wake.wait()
@@ -252,8 +278,9 @@ class Runner:
                     )
                 result = await instance.process()
                 final_value = to_json_value(result)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as cancelled:
                 current = asyncio.current_task()
+                requested = current.cancelling() > 0 if current is not None else True
                 if current is not None:
                     current.uncancel()
                 if run.cancel_requested:
@@ -264,16 +291,15 @@ class Runner:
                     )
                 elif run.lease_lost:
                     return  # another runner owns the task now
-                elif self._stopping:
+                elif self._stopping and requested:
                     await self._interrupted(run)
                     return
-                else:
+                elif requested:
                     raise
+                else:  # process() itself let a CancelledError out: a failure like any other
+                    status, event_type, data, error_text = _failure(run, cancelled)
             except Exception as exc:
-                logger.exception("Task %s failed", run.key)
-                status, event_type = Status.FAILED, ERROR
-                data = {"message": str(exc) or type(exc).__name__, "type": type(exc).__name__}
-                error_text = "".join(traceback.format_exception(exc))
+                status, event_type, data, error_text = _failure(run, exc)
             else:
                 status, event_type = Status.COMPLETED, COMPLETE
                 data = (
@@ -284,7 +310,7 @@ class Runner:
             # Watchers are about to hear the end: a cancel arriving now must
             # not leave the row running with a terminal event already out.
             finishing = asyncio.ensure_future(
-                run.end(status, event_type, data, final_value=final_value, error=error_text)
+                self._end_durably(run, status, event_type, data, final_value, error_text)
             )
             try:
                 await asyncio.shield(finishing)
@@ -292,9 +318,28 @@ class Runner:
                 asyncio.current_task().uncancel()
                 await finishing
         except Exception:
-            logger.exception("Finishing task %s failed; its lease will expire", run.key)
+            logger.exception("Ending task %s failed; its lease will expire", run.key)
         finally:
             self.runs.pop(run.key, None)
+
+    async def _end_durably(self, run, status, event_type, data, final_value, error_text) -> None:
+        """run.end(), again and again while the database fails.
+
+        The run stays in self.runs meanwhile, so its lease is renewed and no
+        other runner takes the task up; only a stopping server gives up
+        (its lease then expires and the task is recovered by policy).
+        """
+        delay = 0.5
+        while True:
+            try:
+                await run.end(status, event_type, data, final_value=final_value, error=error_text)
+                return
+            except Exception:
+                if self._stopping:
+                    raise
+                logger.exception("Ending task %s failed; retrying in %.1f s", run.key, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _interrupted(self, run: TaskRun) -> None:
         """The server is stopping under this task: retry it later or fail it."""
@@ -306,3 +351,9 @@ class Runner:
             return
         message = "Task interrupted: the server shut down"
         await run.end(Status.FAILED, ERROR, {"message": message, "type": "Interrupted"}, error=message)
+
+
+def _failure(run, exc: BaseException):
+    logger.error("Task %s failed", run.key, exc_info=exc)
+    data = {"message": str(exc) or type(exc).__name__, "type": type(exc).__name__}
+    return Status.FAILED, ERROR, data, "".join(traceback.format_exception(exc))

@@ -43,7 +43,7 @@ def owner_is_dead(owner: str | None, me: str) -> bool:
         return False
     pid = int(pid_text)
     if pid == os.getpid():
-        return True  # an earlier runner of this very process
+        return False  # another runner of this very process (tests run several): alive
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -19,8 +19,7 @@ import contextlib
 import logging
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from ..events import Event
 from .memory import MemoryBroker
@@ -106,9 +105,9 @@ class RedisBroker(MemoryBroker):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await self.flush()
-        except (RedisConnectionError, OSError):
+        except (RedisError, OSError):
             logger.warning("Redis unreachable at shutdown; %d events not sent", len(self._outbox))
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)
         await self._reader.aclose()
 
     # -- runner side --------------------------------------------------------------
@@ -136,8 +135,8 @@ class RedisBroker(MemoryBroker):
             except asyncio.CancelledError:
                 self._outbox[:0] = batch
                 raise
-            except (RedisConnectionError, OSError):
-                logger.warning("Redis unreachable; %d events wait to be sent", len(batch))
+            except (RedisError, OSError) as exc:
+                logger.warning("Sending %d events to Redis failed (%s); retrying", len(batch), exc)
                 self._outbox[:0] = batch
                 await asyncio.sleep(0.5)
                 self._outbox_ready.set()
@@ -157,9 +156,9 @@ class RedisBroker(MemoryBroker):
                     pipe.expire(name, self._ttl)
             for result in await pipe.execute(raise_on_error=False):
                 if isinstance(result, ResponseError):
-                    if "equal or smaller" not in str(result):
-                        raise result
-                    logger.warning("An event was in Redis already (%s)", result)
+                    # One bad entry (already there, or a key of the wrong type)
+                    # must not hold back every later event: log it, go on.
+                    logger.warning("Redis refused an event: %s", result)
 
     async def flush(self) -> None:
         """Send what publish() queued (used on shutdown)."""
@@ -179,23 +178,26 @@ class RedisBroker(MemoryBroker):
 
     async def _listen_wakeups(self) -> None:
         while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(WAKE_CHANNEL)
                 async for _message in pubsub.listen():
                     for callback in self._wake_callbacks:
                         callback()
             except asyncio.CancelledError:
                 raise
-            except (RedisConnectionError, OSError):
-                logger.warning("Lost the Redis wake-up channel; reconnecting")
+            except (RedisError, OSError) as exc:
+                logger.warning("Lost the Redis wake-up channel (%s); reconnecting", exc)
                 await asyncio.sleep(1)
+            finally:
+                await pubsub.aclose()  # give its connection back to the pool
 
     # -- HTTP side ----------------------------------------------------------------------
 
     async def subscribe(self, key: str, after: int | None):
-        await self._watch(key)
+        self._watched[key] = self._watched.get(key, 0) + 1
         try:
+            await self._watch(key)
             async with contextlib.aclosing(super().subscribe(key, after)) as chunks:
                 async for chunk in chunks:
                     yield chunk
@@ -203,7 +205,6 @@ class RedisBroker(MemoryBroker):
             self._unwatch(key)
 
     async def _watch(self, key: str) -> None:
-        self._watched[key] = self._watched.get(key, 0) + 1
         if key not in self._cursors:
             # Read from the stream's current end: what came before reaches the
             # subscriber through its history read.
@@ -235,8 +236,8 @@ class RedisBroker(MemoryBroker):
                 replies = await self._reader.xread(streams, count=1000, block=READ_BLOCK_MS)
             except asyncio.CancelledError:
                 raise
-            except (RedisConnectionError, OSError):
-                logger.warning("Lost the Redis stream reader; reconnecting")
+            except (RedisError, OSError) as exc:
+                logger.warning("Reading the Redis streams failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
             for name, entries in replies or ():

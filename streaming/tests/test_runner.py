@@ -746,3 +746,81 @@ class ShutdownTests(RunnerTestCase):
         await task.arefresh_from_db()
         self.assertEqual(task.status, "completed")
         self.assertEqual([e.type for e in await logged(task)], ["step", "step", "step", "complete"])
+
+
+class RobustnessTests(RunnerTestCase):
+    """Failures in the runner's own machinery (found in review) do not strand tasks."""
+
+    async def test_a_failed_finish_is_retried_until_the_task_ends(self):
+        real_finish = store.finish
+        calls = []
+
+        def failing_once(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 1:
+                raise RuntimeError("database went away")
+            return real_finish(*args, **kwargs)
+
+        with mock.patch.object(store, "finish", failing_once):
+            async with Node(node_settings()) as node:
+                task = await ScriptedTask.objects.acreate(steps=2)
+                await wait_status(task, "completed", timeout=10)
+                events = await read_subscription(node, task_key(ScriptedTask, task.pk), 0)
+        self.assertGreaterEqual(len(calls), 2)
+        self.assertEqual([e.event for e in events], ["step", "step", "complete"])
+        self.assertEqual(summary(await logged(task))[-1], (3, "complete"))
+
+    async def test_a_cancelled_error_from_inside_process_fails_the_task(self):
+        async def cancelled_inside(self):
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future
+
+        with mock.patch.object(ScriptedTask, "process", cancelled_inside):
+            async with Node(node_settings()):
+                task = await ScriptedTask.objects.acreate(steps=1)
+                await wait_status(task, "failed")
+        self.assertEqual((await logged(task))[-1].type, "error")
+        self.assertIn("CancelledError", task.error)
+
+    async def test_stopping_during_a_claim_leaves_no_task_running_unowned(self):
+        real_claim = store.claim_pending
+        claiming = threading.Event()
+
+        def slow_claim(*args, **kwargs):
+            claiming.set()
+            time.sleep(0.3)  # the stop arrives while this is in the database
+            return real_claim(*args, **kwargs)
+
+        task = await ScriptedTask.objects.acreate(steps=50, delay=0.1)
+        with mock.patch.object(store, "claim_pending", slow_claim):
+            node = Node(node_settings())
+            await node.start()
+            await eventually(claiming.is_set, message="a claim in flight")
+            await node.stop()
+        await task.arefresh_from_db()
+        # Claimed, then handed back by the stop (retry policy), not left running.
+        self.assertEqual(task.status, "pending")
+        self.assertIsNone(task.lease_owner)
+
+    async def test_a_cancelled_flush_keeps_the_events_it_did_not_write(self):
+        async with Node(node_settings(EVENT_BATCH_SIZE=100, EVENT_FLUSH_INTERVAL=60)) as node:
+            log = node.eventlog
+            for seq in range(1, 301):
+                payload = build_payload({"n": seq}, task_id=1, model_name="ScriptedTask")
+                # Straight into the queue: append() would wake the writer at 100.
+                log._pending.append(("testapp.scriptedtask", "424242", Event(seq, "step", payload)))
+            real_write = store.write_events
+
+            def slow_write(rows):
+                time.sleep(0.2)
+                real_write(rows)
+
+            with mock.patch.object(store, "write_events", slow_write):
+                flushing = asyncio.ensure_future(log.flush())
+                await asyncio.sleep(0.05)
+                flushing.cancel()
+                await asyncio.gather(flushing, return_exceptions=True)
+            await log.flush()
+        count = await TaskEvent.objects.filter(task_id="424242").acount()
+        self.assertEqual(count, 300)

@@ -255,6 +255,8 @@ class StreamingSystemTests(ServerTestCase):
             ("GET", "/stream/auth/User/1", 404, "Unknown task model"),
             ("GET", "/stream/ExampleTask/abc", 400, "Malformed task id"),
             ("GET", f"/stream/ExampleTask/{task.pk}?last_event_id=x", 400, "Last-Event-ID"),
+            ("GET", f"/stream/ExampleTask/{task.pk}?last_event_id=%C2%B2", 400, "Last-Event-ID"),
+            ("GET", f"/stream/ExampleTask/{task.pk}?last_event_id={'9' * 30}", 400, "Last-Event-ID"),
             ("POST", f"/stream/ExampleTask/{task.pk}", 405, "not allowed"),
             ("DELETE", f"/stream/ExampleTask/{task.pk}", 405, "not allowed"),
         ]
