@@ -22,12 +22,13 @@ def _ended_by(latest: Event | None, after: int) -> bool:
 class Channel:
     """One task's recent events and the signal its subscribers wait on."""
 
-    __slots__ = ("changed", "events", "refs")
+    __slots__ = ("changed", "checked_at", "events", "refs")
 
     def __init__(self):
         self.events: list[Event] = []
         self.changed = asyncio.Event()
         self.refs = 0
+        self.checked_at = 0.0  # last look in the log for an end that never came live
 
     def notify(self) -> None:
         # Waiters hold the old Event; a fresh one serves the next round.
@@ -127,11 +128,32 @@ class MemoryBroker(Broker):
                         await changed.wait()
                 except TimeoutError:
                     yield KEEPALIVE
+                    await self._look_for_a_missed_end(channel, task_type, task_id)
             yield retry_hint(RECONNECT_HINT_MS)
         finally:
             channel.refs -= 1
             if channel.refs == 0 and channel.done and self._channels.get(key) is channel:
                 del self._channels[key]
+
+    async def _look_for_a_missed_end(self, channel: Channel, task_type, task_id) -> None:
+        """Once per keep-alive interval per idle task: did it end without us hearing?
+
+        With Redis, a node that dies between writing a task's end to the log
+        and sending it to Redis leaves remote watchers waiting forever. If the
+        log has an end newer than memory, drop memory (the log holds it all)
+        so every subscriber reads on from the log and reaches the end.
+        """
+        now = asyncio.get_running_loop().time()
+        if now - channel.checked_at < self._keepalive:
+            return
+        channel.checked_at = now
+        if channel.events and channel.events[-1].terminal:
+            return
+        latest = await self._history.last(task_type, task_id)
+        newest_here = channel.events[-1].seq if channel.events else 0
+        if latest is not None and latest.terminal and latest.seq > newest_here:
+            channel.events.clear()
+            channel.notify()
 
     def _from_memory(self, channel: Channel, after: int) -> list[Event] | None:
         """Events after ``after`` held in memory; None when older ones may be missing."""

@@ -587,3 +587,15 @@ class MemoryFillsDuringLogReadTests(BrokerTestCase):
             while received[-1] < 5:
                 received += seqs_of(await self.next_chunk(sub))
         self.assertEqual(received, [4, 5])
+
+
+class MissedEndTests(BrokerTestCase):
+    async def test_an_end_that_only_reached_the_log_still_ends_idle_streams(self):
+        # A node died after writing the end to the log, before sending it on.
+        self.make(keepalive=0.05)
+        await self.publish(ev(1), ev(2))
+        async with contextlib.aclosing(self.broker.subscribe(KEY, 0)) as sub:
+            self.assertEqual(seqs_of(await self.next_chunk(sub)), [1, 2])
+            self.history.add(KEY, ev(3), ev(4, "complete"))  # never published
+            rest = await self.read_to_end(sub)
+        self.assertEqual([s for chunk in rest if chunk != KEEPALIVE for s in seqs_of(chunk)], [3, 4])
