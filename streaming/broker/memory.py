@@ -22,13 +22,17 @@ def _ended_by(latest: Event | None, after: int) -> bool:
 class Channel:
     """One task's recent events and the signal its subscribers wait on."""
 
-    __slots__ = ("changed", "checked_at", "events", "refs")
+    __slots__ = ("changed", "checked_at", "events", "refs", "seeded", "seeding")
 
     def __init__(self):
         self.events: list[Event] = []
         self.changed = asyncio.Event()
         self.refs = 0
         self.checked_at = 0.0  # last look in the log for an end that never came live
+        # Memory holds the log's recent events too (not only live ones), so
+        # an empty list means "nothing yet", not "ask the log".
+        self.seeded = False
+        self.seeding: asyncio.Future | None = None
 
     def notify(self) -> None:
         # Waiters hold the old Event; a fresh one serves the next round.
@@ -96,7 +100,8 @@ class MemoryBroker(Broker):
         channel.refs += 1
         task_type, _, task_id = key.partition(":")
         try:
-            latest = channel.events[-1] if channel.events else await self._history.last(task_type, task_id)
+            await self._seed(channel, task_type, task_id)
+            latest = channel.events[-1] if channel.events else None
             if after is None:  # the seed's rule: the latest event at once, then the rest
                 after = latest.seq - 1 if latest else 0
             elif _ended_by(latest, after):
@@ -135,6 +140,41 @@ class MemoryBroker(Broker):
             if channel.refs == 0 and channel.done and self._channels.get(key) is channel:
                 del self._channels[key]
 
+    async def _seed(self, channel: Channel, task_type, task_id) -> None:
+        """Load the task's recent events from the log into memory, once per channel.
+
+        However many clients arrive at once (a thousand watchers of a task
+        about to start), the log is read once, not once or twice per client.
+        """
+        if channel.seeded:
+            return
+        if channel.seeding is None:
+            channel.seeding = asyncio.ensure_future(self._load_seed(channel, task_type, task_id))
+        try:
+            await asyncio.shield(channel.seeding)
+        finally:
+            if channel.seeding is not None and channel.seeding.done():
+                channel.seeding = None
+
+    async def _load_seed(self, channel: Channel, task_type, task_id) -> None:
+        latest = await self._history.last(task_type, task_id)
+        recent: list[Event] = []
+        if latest is not None:
+            recent = await self._history.read(
+                task_type, task_id, max(0, latest.seq - self._history_size), self._history_size
+            )
+        if channel.events:  # published meanwhile
+            first = channel.events[0].seq
+            if recent and recent[-1].seq >= first - 1:
+                # The log reaches memory: one contiguous list.
+                channel.events[:0] = [e for e in recent if e.seq < first]
+            # Otherwise memory starts after a stretch the log read did not
+            # cover (trimmed meanwhile, or a numbering gap): leave it; older
+            # events stay a log read away, as for any lagging client.
+        else:
+            channel.events[:] = recent
+        channel.seeded = True
+
     async def _look_for_a_missed_end(self, channel: Channel, task_type, task_id) -> None:
         """Once per keep-alive interval per idle task: did it end without us hearing?
 
@@ -153,12 +193,15 @@ class MemoryBroker(Broker):
         newest_here = channel.events[-1].seq if channel.events else 0
         if latest is not None and latest.terminal and latest.seq > newest_here:
             channel.events.clear()
+            channel.seeded = False  # read on from the log
             channel.notify()
 
     def _from_memory(self, channel: Channel, after: int) -> list[Event] | None:
         """Events after ``after`` held in memory; None when older ones may be missing."""
         events = channel.events
-        if not events or events[0].seq > after + 1:
+        if not events:
+            return [] if channel.seeded else None
+        if events[0].seq > after + 1:
             return None
         return events[bisect_right(events, after, key=_seq) :]
 

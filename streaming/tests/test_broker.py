@@ -200,7 +200,9 @@ class HistoryTests(BrokerTestCase):
         self.history.add(KEY, *(ev(i) for i in range(1, 10)), ev(10, "error"))
         chunks = await self.read_to_end(self.broker.subscribe(KEY, 0))
         self.assertEqual([s for c in chunks for s in seqs_of(c)], list(range(1, 11)))
-        self.assertEqual([r[2] for r in self.history.reads], [0, 3, 6, 9])
+        # One read seeds memory with the latest HISTORY_SIZE events (after 7),
+        # then the client pages through the older ones; 8.. come from memory.
+        self.assertEqual([r[2] for r in self.history.reads], [7, 0, 3, 6])
         self.assertTrue(all(r[3] == 3 for r in self.history.reads))
 
     async def test_running_task_in_history_only_after_none(self):
@@ -599,3 +601,31 @@ class MissedEndTests(BrokerTestCase):
             self.history.add(KEY, ev(3), ev(4, "complete"))  # never published
             rest = await self.read_to_end(sub)
         self.assertEqual([s for chunk in rest if chunk != KEEPALIVE for s in seqs_of(chunk)], [3, 4])
+
+
+class SeedingTests(BrokerTestCase):
+    async def test_many_clients_arriving_at_once_read_the_log_once(self):
+        self.make()
+        self.history.add(KEY, ev(1), ev(2))
+        subs = [self.broker.subscribe(KEY, None) for _ in range(200)]
+        firsts = await asyncio.gather(*(self.next_chunk(sub) for sub in subs))
+        self.assertEqual({seqs_of(c)[0] for c in firsts}, {2})
+        self.assertEqual(len(self.history.lasts), 1)
+        self.assertEqual(len(self.history.reads), 1)
+        await self.publish(ev(3))
+        nexts = await asyncio.gather(*(self.next_chunk(sub) for sub in subs))
+        self.assertEqual({seqs_of(c)[0] for c in nexts}, {3})
+        self.assertEqual(len(self.history.reads), 1, "live events come from memory")
+        for sub in subs:
+            await sub.aclose()
+
+    async def test_clients_of_a_task_not_started_wait_without_polling_the_log(self):
+        self.make(keepalive=0.02)
+        async with contextlib.aclosing(self.broker.subscribe(KEY, 0)) as sub:
+            self.assertEqual(await self.next_chunk(sub), KEEPALIVE)
+            self.assertEqual(await self.next_chunk(sub), KEEPALIVE)
+            reads = len(self.history.reads)
+            self.assertEqual(await self.next_chunk(sub), KEEPALIVE)
+            self.assertEqual(len(self.history.reads), reads)
+            await self.publish(ev(1))
+            self.assertEqual(seqs_of(await self.next_chunk(sub)), [1])

@@ -153,7 +153,7 @@ async def run_scenario(scenario) -> tuple[list[int], int, dict]:
 
 
 class ResumePropertyTests(SimpleTestCase):
-    @settings(max_examples=60, deadline=None, database=None)
+    @settings(max_examples=200, deadline=None, database=None)
     @given(scenarios())
     def test_resuming_client_gets_every_event_once_in_order(self, scenario):
         received, connections, channels_left = asyncio.run(run_scenario(scenario))
