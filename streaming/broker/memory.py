@@ -1,6 +1,7 @@
 """The in-process broker: the embedded default (one process, no services)."""
 
 import asyncio
+import logging
 from bisect import bisect_right
 from collections.abc import Callable
 
@@ -8,6 +9,8 @@ from ..events import KEEPALIVE, Event, retry_hint
 from .base import Broker
 
 RECONNECT_HINT_MS = 1000
+
+logger = logging.getLogger(__name__)
 
 
 def _seq(event: Event) -> int:
@@ -22,12 +25,14 @@ def _ended_by(latest: Event | None, after: int) -> bool:
 class Channel:
     """One task's recent events and the signal its subscribers wait on."""
 
-    __slots__ = ("changed", "checked_at", "events", "refs", "seeded", "seeding")
+    __slots__ = ("active_at", "changed", "checked_at", "events", "refs", "seeded", "seeding", "ticks")
 
     def __init__(self):
         self.events: list[Event] = []
         self.changed = asyncio.Event()
         self.refs = 0
+        self.active_at = asyncio.get_running_loop().time()  # of the last event
+        self.ticks = 0  # keep-alive rounds: a subscriber woken by one sends a comment
         self.checked_at = 0.0  # last look in the log for an end that never came live
         # Memory holds the log's recent events too (not only live ones), so
         # an empty list means "nothing yet", not "ask the log".
@@ -61,6 +66,32 @@ class MemoryBroker(Broker):
         self._channels: dict[str, Channel] = {}
         self._closing = False
         self._wake_callbacks: list[Callable[[], None]] = []
+        self._ticker: asyncio.Task | None = None
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+            self._ticker = None
+
+    async def _tick(self) -> None:
+        """One timer for the node, not one per stream: every half interval,
+        channels silent for KEEPALIVE_INTERVAL wake their subscribers for a
+        keep-alive comment (and look in the log for an end they missed)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._keepalive / 2)
+            now = loop.time()
+            for key, channel in list(self._channels.items()):
+                if channel.refs and now - channel.active_at >= self._keepalive:
+                    channel.active_at = now
+                    channel.ticks += 1
+                    channel.notify()
+                    task_type, _, task_id = key.partition(":")
+                    try:
+                        await self._look_for_a_missed_end(channel, task_type, task_id)
+                    except Exception:
+                        logger.exception("Looking for the end of %s failed", key)
 
     # -- runner side --------------------------------------------------------
 
@@ -75,6 +106,7 @@ class MemoryBroker(Broker):
         if events and event.seq <= events[-1].seq:
             return  # already here (another path delivered it first)
         events.append(event)
+        channel.active_at = asyncio.get_running_loop().time()
         if len(events) > 2 * self._history_size:
             del events[: len(events) - self._history_size]
         channel.notify()
@@ -98,6 +130,8 @@ class MemoryBroker(Broker):
         if channel is None:
             channel = self._channels[key] = Channel()
         channel.refs += 1
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.create_task(self._tick(), name="streaming-keepalive")
         task_type, _, task_id = key.partition(":")
         try:
             await self._seed(channel, task_type, task_id)
@@ -106,6 +140,7 @@ class MemoryBroker(Broker):
                 after = latest.seq - 1 if latest else 0
             elif _ended_by(latest, after):
                 return  # the client has seen the end already
+            ticks = channel.ticks
             while not self._closing:
                 changed = channel.changed
                 batch = self._from_memory(channel, after)
@@ -128,12 +163,11 @@ class MemoryBroker(Broker):
                     continue
                 if channel.events and _ended_by(channel.events[-1], after):
                     return
-                try:
-                    async with asyncio.timeout(self._keepalive):
-                        await changed.wait()
-                except TimeoutError:
+                if channel.ticks != ticks:
+                    ticks = channel.ticks
                     yield KEEPALIVE
-                    await self._look_for_a_missed_end(channel, task_type, task_id)
+                    continue
+                await changed.wait()
             yield retry_hint(RECONNECT_HINT_MS)
         finally:
             channel.refs -= 1

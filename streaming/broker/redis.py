@@ -100,6 +100,7 @@ class RedisBroker(MemoryBroker):
         ]
 
     async def stop(self) -> None:
+        await super().stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
