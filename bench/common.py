@@ -43,6 +43,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).text == "OK":
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.05)
+
+
 class Server:
     def __init__(self, *, workers=1, broker_url=None, **streaming):
         self.port = free_port()
@@ -59,16 +72,7 @@ class Server:
              "--workers", str(workers), "--log-level", "warning"],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).text == "OK":
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"server did not start; see {self.log.name}")
-            time.sleep(0.1)
+        wait_healthy(self.port, self.proc, 30, f"server (see {self.log.name})")
         time.sleep(0.5 * workers)  # every worker up, not just the first
 
     def stop(self):
@@ -131,16 +135,7 @@ class Ceiling:
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "bench" / "ceiling.py"), "--port", str(self.port)], cwd=REPO
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).text == "OK":
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("ceiling server did not start")
-            time.sleep(0.05)
+        wait_healthy(self.port, self.proc, 10, "ceiling server")
 
     def start(self, events: int, delay: float = 0.0, payload: int = 100) -> None:
         httpx.get(
