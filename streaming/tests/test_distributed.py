@@ -10,6 +10,7 @@ Otherwise they skip (saying so); with STREAMING_REQUIRE_DISTRIBUTED=1 (CI)
 a skip is a failure.
 """
 
+import asyncio
 import collections
 import contextlib
 import os
@@ -227,3 +228,36 @@ class WorkersTests(DistributedTestCase):
             if "Streaming node started" in line
         }
         self.assertEqual(len(owners), 2, "two worker processes, each its own node")
+
+
+class RedisBrokerTests(DistributedTestCase):
+    """The Redis broker on its own, against the real Redis."""
+
+    nodes = 0
+
+    def test_clients_leaving_while_their_watch_starts_leave_nothing_behind(self):
+        from asgiref.sync import async_to_sync
+
+        from streaming.broker.redis import RedisBroker
+        from streaming.eventlog import EventLog
+
+        settings = get_settings()
+
+        async def scenario():
+            broker = RedisBroker(settings.BROKER_URL, history=EventLog(0.05, 500), settings=settings)
+            await broker.start()
+            try:
+                key = "testapp.scriptedtask:987654321"
+                for _ in range(50):
+                    subscription = broker.subscribe(key, 0)
+                    pending = asyncio.ensure_future(subscription.__anext__())
+                    await asyncio.sleep(0)  # inside _watch's Redis call
+                    pending.cancel()
+                    await asyncio.gather(pending, return_exceptions=True)
+                    await subscription.aclose()
+                return dict(broker._watched), dict(broker._cursors), dict(broker._channels)
+            finally:
+                await broker.stop()
+
+        watched, cursors, channels = async_to_sync(scenario)()
+        self.assertEqual((watched, cursors, channels), ({}, {}, {}))
