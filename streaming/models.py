@@ -5,7 +5,6 @@ import asyncio
 from django.db import models
 
 from .base import FINISHED_STATUSES, Recovery, Status, StreamTask
-from .events import Event, encode_sse
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -36,13 +35,6 @@ class TaskEvent(models.Model):
 
     def __str__(self):
         return f"{self.task_type}:{self.task_id} #{self.seq} {self.type}"
-
-    def as_event(self) -> Event:
-        return Event(self.seq, self.type, self.payload)
-
-    @property
-    def sse(self) -> bytes:
-        return encode_sse(self.seq, self.type, self.payload)
 
 
 class ExampleTask(StreamTask):

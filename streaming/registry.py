@@ -18,13 +18,6 @@ def task_key(model: type[StreamTask], pk) -> str:
     return f"{model._meta.label_lower}:{pk}"
 
 
-def model_for_label(label_lower: str) -> type[StreamTask] | None:
-    for model in stream_models():
-        if model._meta.label_lower == label_lower:
-            return model
-    return None
-
-
 class UnknownModel(LookupError):
     pass
 
