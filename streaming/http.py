@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import re
+from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from asgiref.sync import sync_to_async
@@ -32,6 +33,16 @@ SSE_HEADERS = [
 ABORT_EXTENSION = "streaming.abort"
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A complete (non-stream) response to a stream request."""
+
+    status: int
+    body: str
+    content_type: bytes = b"text/plain; charset=utf-8"
+    headers: tuple = ()
+
+
 class BadRequest(Exception):
     status = 400
 
@@ -45,6 +56,7 @@ class StreamingApp:
         self.django_app = django_app
         self.node_factory = node_factory
         self.node: Node | None = None
+        self._lookups: dict[tuple, asyncio.Future] = {}
 
     async def __call__(self, scope, receive, send):
         kind = scope["type"]
@@ -53,11 +65,11 @@ class StreamingApp:
         if kind == "http":
             path = scope["path"]
             if path == "/health":
-                return await _respond(send, 200, "OK", content_type=b"text/plain; charset=utf-8")
+                return await _respond(send, Reply(200, "OK"))
             if path.startswith("/stream/"):
                 return await self._stream_endpoint(scope, receive, send)
         if self.django_app is None:
-            return await _respond(send, 404, f"Not found: {scope.get('path', '')}\n")
+            return await _respond(send, Reply(404, f"Not found: {scope.get('path', '')}\n"))
         return await self.django_app(scope, receive, send)
 
     # -- lifespan ---------------------------------------------------------------
@@ -86,63 +98,61 @@ class StreamingApp:
     # -- /stream/... -----------------------------------------------------------------
 
     async def _stream_endpoint(self, scope, receive, send):
-        if scope["method"] != "GET":
-            return await _respond(
-                send,
-                405,
-                f"Method {scope['method']} not allowed; use GET\n",
-                extra_headers=[(b"allow", b"GET")],
-            )
+        opened = await self.open_stream(
+            scope["method"], scope["path"], scope.get("query_string", b""), scope["headers"]
+        )
+        if isinstance(opened, Reply):
+            return await _respond(send, opened)
+        await self._stream(scope, receive, send, *opened)
+
+    async def open_stream(self, method: str, path: str, query_string: bytes, headers) -> "Reply | tuple":
+        """Answer a request for a stream: a ``Reply`` (an error, the JSON status,
+        204), or ``(key, after)`` to start streaming. Shared by the ASGI path
+        and server.py's direct socket path."""
+        if method != "GET":
+            return Reply(405, f"Method {method} not allowed; use GET\n", headers=((b"allow", b"GET"),))
         if self.node is None:
-            return await _respond(send, 503, "Streaming node is not running\n")
+            return Reply(503, "Streaming node is not running\n")
+        headers = dict(headers)
         try:
-            model, pk, after = self._parse(scope)
-            task = await model.objects.filter(pk=pk).afirst()
+            model, pk, after = _parse(path, query_string, headers)
+            task = await self._find(model, pk)
             if task is None:
                 raise NotFound(f"{model.stream_name()} {pk} not found\n")
         except (BadRequest, NotFound) as exc:
-            return await _respond(send, exc.status, str(exc))
-        headers = dict(scope["headers"])
+            return Reply(exc.status, str(exc))
         if b"application/json" in headers.get(b"accept", b""):
-            return await self._status(send, task)
+            return await self._status(task)
         key = task_key(model, task.pk)
         if after is not None and task.is_finished:
             label, _, pk_text = key.partition(":")
             last = await sync_to_async(store.last_event)(label, pk_text)
             if last is not None and last.seq <= after:
                 # The client has seen the end; 204 tells an EventSource to stop reconnecting.
-                return await _respond(send, 204, "")
-        await self._stream(scope, receive, send, key, after)
+                return Reply(204, "")
+        return key, after
 
-    def _parse(self, scope):
-        match = STREAM_PATH.match(scope["path"])
-        if not match:
-            raise NotFound("Not found: use /stream/<Model>/<id> or /stream/<app_label>/<Model>/<id>\n")
-        try:
-            model = resolve_model(match["model"], match["app"])
-        except UnknownModel as exc:
-            raise NotFound(f"{exc}\n") from None
-        raw_pk = match["pk"]
-        try:
-            pk = model._meta.pk.to_python(raw_pk)
-        except ValidationError:
-            raise BadRequest(f"Malformed task id {raw_pk!r} for {model.stream_name()}\n") from None
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        after = None
-        raw_after = dict(scope["headers"]).get(b"last-event-id", b"").decode("latin-1").strip()
-        raw_after = raw_after or (query.get("last_event_id") or [""])[0]
-        if raw_after:
-            if not (raw_after.isascii() and raw_after.isdigit() and len(raw_after) <= 18):
-                raise BadRequest(f"Malformed Last-Event-ID {raw_after!r}: expected a non-negative integer\n")
-            after = int(raw_after)
-        history = (query.get("history") or [""])[0]
-        if history:
-            if history not in ("all", "1", "true"):
-                raise BadRequest(f"Unknown history value {history!r}: use history=all\n")
-            after = 0 if after is None else after
-        return model, pk, after
+    async def _find(self, model, pk):
+        """The task's row. Requests for a row arriving together (a thousand
+        watchers of one task) share one query instead of queueing a thousand
+        on the ORM thread; only a found row is shared, so a request never gets
+        a 404 from a query that started before the row was committed."""
+        lookup = self._lookups.get((model, pk))
+        if lookup is not None:
+            task = await asyncio.shield(lookup)
+            if task is not None:
+                return task
+        lookup = asyncio.ensure_future(model.objects.filter(pk=pk).afirst())
+        self._lookups[model, pk] = lookup
 
-    async def _status(self, send, task):
+        def forget(_):
+            if self._lookups.get((model, pk)) is lookup:
+                del self._lookups[model, pk]
+
+        lookup.add_done_callback(forget)
+        return await asyncio.shield(lookup)
+
+    async def _status(self, task) -> "Reply":
         key = task_key(type(task), task.pk)
         label, _, pk = key.partition(":")
         last = await sync_to_async(store.last_event)(label, pk)
@@ -159,7 +169,7 @@ class StreamingApp:
             "last_event_id": last.seq if last else None,
             "stream": task.get_stream_path(),
         }
-        await _respond(send, 200, json.dumps(body), content_type=b"application/json")
+        return Reply(200, json.dumps(body), content_type=b"application/json")
 
     async def _stream(self, scope, receive, send, key, after):
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
@@ -197,20 +207,49 @@ class StreamingApp:
             watcher.cancel()
 
 
+def _parse(path: str, query_string: bytes, headers: dict):
+    match = STREAM_PATH.match(path)
+    if not match:
+        raise NotFound("Not found: use /stream/<Model>/<id> or /stream/<app_label>/<Model>/<id>\n")
+    try:
+        model = resolve_model(match["model"], match["app"])
+    except UnknownModel as exc:
+        raise NotFound(f"{exc}\n") from None
+    raw_pk = match["pk"]
+    try:
+        pk = model._meta.pk.to_python(raw_pk)
+    except ValidationError:
+        raise BadRequest(f"Malformed task id {raw_pk!r} for {model.stream_name()}\n") from None
+    query = parse_qs(query_string.decode("latin-1"))
+    after = None
+    raw_after = headers.get(b"last-event-id", b"").decode("latin-1").strip()
+    raw_after = raw_after or (query.get("last_event_id") or [""])[0]
+    if raw_after:
+        if not (raw_after.isascii() and raw_after.isdigit() and len(raw_after) <= 18):
+            raise BadRequest(f"Malformed Last-Event-ID {raw_after!r}: expected a non-negative integer\n")
+        after = int(raw_after)
+    history = (query.get("history") or [""])[0]
+    if history:
+        if history not in ("all", "1", "true"):
+            raise BadRequest(f"Unknown history value {history!r}: use history=all\n")
+        after = 0 if after is None else after
+    return model, pk, after
+
+
 def _iso(value):
     return value.isoformat() if value else None
 
 
-async def _respond(send, status, text, *, content_type=b"text/plain; charset=utf-8", extra_headers=()):
-    body = text.encode()
+async def _respond(send, reply: Reply):
+    body = reply.body.encode()
     await send(
         {
             "type": "http.response.start",
-            "status": status,
+            "status": reply.status,
             "headers": [
-                (b"content-type", content_type),
+                (b"content-type", reply.content_type),
                 (b"content-length", str(len(body)).encode()),
-                *extra_headers,
+                *reply.headers,
             ],
         }
     )

@@ -18,13 +18,20 @@ class Broker(ABC):
         """Deliver ``event`` (already numbered) to every subscriber of ``key``."""
 
     @abstractmethod
-    def subscribe(self, key: str, after: int | None) -> AsyncIterator[bytes]:
-        """SSE bytes of task ``key``: the events after ``after``, then live ones.
-
-        ``after=None`` starts with the latest event. Yields coalesced chunks
-        of encoded events, keep-alive comments when idle, and ends after the
-        task's terminal event or when the broker closes.
+    def attach(self, key: str, after: int | None, sink):
+        """Stream task ``key`` into ``sink`` (see memory.Sink): the events after
+        ``after`` (None: the latest one first), then live ones, keep-alive
+        comments when idle; the sink is ended after the task's terminal event
+        or when the broker closes. Returns a handle for ``detach()``.
         """
+
+    @abstractmethod
+    def detach(self, subscriber) -> None:
+        """Stop streaming to a subscriber's sink (its client went away)."""
+
+    @abstractmethod
+    def subscribe(self, key: str, after: int | None) -> AsyncIterator[bytes]:
+        """``attach()`` as an async iterator of SSE byte chunks."""
 
     @abstractmethod
     def close_subscriptions(self) -> None:

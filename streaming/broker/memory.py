@@ -1,9 +1,21 @@
-"""The in-process broker: the embedded default (one process, no services)."""
+"""The in-process broker: the embedded default (one process, no services).
+
+Delivery is pushed, not pulled. Each task has one ``Channel``: a shared list
+of recent events and the set of its subscribers. A subscriber is a cursor and
+a ``Sink`` (a client's socket, or the queue behind ``subscribe()``). A
+subscriber that is caught up is *live*: when events arrive, the channel
+writes the same bytes to every live sink in one pass, as a raw broadcast
+server would, with no task, coroutine or queue per client. A subscriber
+that is behind (a late joiner, a resume, a client whose socket is full)
+gets a short-lived catch-up task that sends what it misses, from memory or
+from the event log, and joins the live set again once it has caught up.
+"""
 
 import asyncio
 import logging
 from bisect import bisect_right
 from collections.abc import Callable
+from typing import Protocol
 
 from ..events import KEEPALIVE, Event, retry_hint
 from .base import Broker
@@ -22,27 +34,60 @@ def _ended_by(latest: Event | None, after: int) -> bool:
     return latest is not None and latest.terminal and latest.seq <= after
 
 
-class Channel:
-    """One task's recent events and the signal its subscribers wait on."""
+class Sink(Protocol):
+    """Where one subscriber's bytes go (server.py's socket, or subscribe()'s queue)."""
 
-    __slots__ = ("active_at", "changed", "checked_at", "events", "refs", "seeded", "seeding", "ticks")
+    paused: bool  # holds enough unsent data: write nothing more until drain()
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None:
+        """Return once ``paused`` is False again."""
+
+    def end(self) -> None:
+        """The stream is over: send what is buffered, then close."""
+
+    def abort(self) -> None:
+        """Cut off a client that reads nothing."""
+
+
+class Subscriber:
+    """A client of one task: its cursor (the last seq it was sent) and its sink."""
+
+    __slots__ = ("after", "channel", "closed", "key", "sink", "task")
+
+    def __init__(self, key: str, channel: "Channel", sink: Sink, after: int | None):
+        self.key = key
+        self.channel = channel
+        self.sink = sink
+        self.after = after
+        self.task: asyncio.Task | None = None  # catching up; None: live
+        self.closed = False
+
+    @property
+    def live(self) -> bool:
+        return self.task is None and not self.closed
+
+
+class Channel:
+    """One task's recent events and its subscribers."""
+
+    __slots__ = ("active_at", "checked_at", "events", "flush_pending", "seeded", "seeding", "subs")
 
     def __init__(self):
         self.events: list[Event] = []
-        self.changed = asyncio.Event()
-        self.refs = 0
-        self.active_at = asyncio.get_running_loop().time()  # of the last event
-        self.ticks = 0  # keep-alive rounds: a subscriber woken by one sends a comment
+        self.subs: set[Subscriber] = set()
+        self.flush_pending = False
+        self.active_at = asyncio.get_running_loop().time()  # of the last write
         self.checked_at = 0.0  # last look in the log for an end that never came live
         # Memory holds the log's recent events too (not only live ones), so
         # an empty list means "nothing yet", not "ask the log".
         self.seeded = False
         self.seeding: asyncio.Future | None = None
 
-    def notify(self) -> None:
-        # Waiters hold the old Event; a fresh one serves the next round.
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()
+    @property
+    def refs(self) -> int:
+        return len(self.subs)
 
     @property
     def done(self) -> bool:
@@ -63,6 +108,7 @@ class MemoryBroker(Broker):
         self._history_size = settings.HISTORY_SIZE
         self._keepalive = settings.KEEPALIVE_INTERVAL
         self._max_chunk = settings.MAX_CHUNK_BYTES
+        self._send_timeout = settings.CLIENT_SEND_TIMEOUT
         self._channels: dict[str, Channel] = {}
         self._closing = False
         self._wake_callbacks: list[Callable[[], None]] = []
@@ -76,20 +122,24 @@ class MemoryBroker(Broker):
 
     async def _tick(self) -> None:
         """One timer for the node, not one per stream: every half interval,
-        channels silent for KEEPALIVE_INTERVAL wake their subscribers for a
-        keep-alive comment (and look in the log for an end they missed)."""
+        live subscribers of channels silent for KEEPALIVE_INTERVAL get a
+        keep-alive comment (and the log is asked for an end they missed)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._keepalive / 2)
             now = loop.time()
             for key, channel in list(self._channels.items()):
-                if channel.refs and now - channel.active_at >= self._keepalive:
+                if channel.subs and now - channel.active_at >= self._keepalive:
                     channel.active_at = now
-                    channel.ticks += 1
-                    channel.notify()
+                    for sub in list(channel.subs):
+                        if sub.live:
+                            if sub.sink.paused:  # nothing read for a while: see if it is stalled
+                                self._fall_behind(sub)
+                            else:
+                                sub.sink.write(KEEPALIVE)
                     task_type, _, task_id = key.partition(":")
                     try:
-                        await self._look_for_a_missed_end(channel, task_type, task_id)
+                        await self._look_for_a_missed_end(key, channel, task_type, task_id)
                     except Exception:
                         logger.exception("Looking for the end of %s failed", key)
 
@@ -106,12 +156,46 @@ class MemoryBroker(Broker):
         if events and event.seq <= events[-1].seq:
             return  # already here (another path delivered it first)
         events.append(event)
-        channel.active_at = asyncio.get_running_loop().time()
         if len(events) > 2 * self._history_size:
             del events[: len(events) - self._history_size]
-        channel.notify()
-        if event.terminal and channel.refs == 0:
+        if channel.subs and not channel.flush_pending:
+            # Written at the loop's next turn: everything published until then
+            # (a burst, a batch from Redis) goes out in one write per client.
+            channel.flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush, key, channel)
+        if event.terminal and not channel.subs:
             del self._channels[key]
+
+    def _flush(self, key: str, channel: Channel) -> None:
+        """Write what the live subscribers have not had yet: the same bytes to each."""
+        channel.flush_pending = False
+        channel.active_at = asyncio.get_running_loop().time()
+        pieces_after: dict[int, list[tuple[bytes, int, bool]] | None] = {}
+        latest = channel.events[-1] if channel.events else None
+        for sub in list(channel.subs):
+            if not sub.live:
+                continue
+            after = sub.after
+            pieces = pieces_after.get(after, ())
+            if pieces == ():
+                batch = self._from_memory(channel, after)
+                pieces = pieces_after[after] = None if batch is None else list(self._pieces(batch))
+            if pieces is None:  # memory no longer reaches back to it
+                self._fall_behind(sub)
+                continue
+            sink = sub.sink
+            for data, last, terminal in pieces:
+                if sink.paused:
+                    self._fall_behind(sub)
+                    break
+                sink.write(data)
+                sub.after = last
+                if terminal:
+                    self._end(sub)
+                    break
+            else:
+                if _ended_by(latest, sub.after):  # it resumed past an end that came after all
+                    self._end(sub)
 
     def wake_runners(self) -> None:
         for callback in self._wake_callbacks:
@@ -125,27 +209,108 @@ class MemoryBroker(Broker):
 
     # -- HTTP side --------------------------------------------------------------
 
-    async def subscribe(self, key: str, after: int | None):
+    def attach(self, key: str, after: int | None, sink: Sink) -> Subscriber:
+        """Start streaming task ``key`` into ``sink``: the events after ``after``
+        (None: the latest one first), then live ones, until the task's end.
+
+        The caller calls ``detach()`` when the client goes away.
+        """
         channel = self._channels.get(key)
         if channel is None:
             channel = self._channels[key] = Channel()
-        channel.refs += 1
+        sub = Subscriber(key, channel, sink, after)
+        channel.subs.add(sub)
+        self._watch(key)
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.create_task(self._tick(), name="streaming-keepalive")
-        task_type, _, task_id = key.partition(":")
+        sub.task = asyncio.create_task(self._start(sub), name=f"streaming-subscribe:{key}")
+        return sub
+
+    def detach(self, sub: Subscriber) -> None:
+        """Forget a subscriber (its client left, or its stream ended)."""
+        if sub.closed:
+            return
+        sub.closed = True
+        task, sub.task = sub.task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        channel = sub.channel
+        channel.subs.discard(sub)
+        self._unwatch(sub.key)
+        if not channel.subs and channel.done and self._channels.get(sub.key) is channel:
+            del self._channels[sub.key]
+
+    def _watch(self, key: str) -> None:
+        """Hook: a subscription of ``key`` starts (the Redis broker reads its stream)."""
+
+    def _unwatch(self, key: str) -> None:
+        """Hook: a subscription of ``key`` ended."""
+
+    async def _ready(self, key: str) -> None:
+        """Hook: awaited before a new subscriber's first read."""
+
+    async def subscribe(self, key: str, after: int | None):
+        """The stream as an async iterator of byte chunks (the ASGI path, tests).
+
+        Its sink holds one chunk: a consumer that does not take it falls
+        behind and catches up from memory or the log, as a slow socket does.
+        """
+        sink = QueueSink()
+        sub = self.attach(key, after, sink)
         try:
-            await self._seed(channel, task_type, task_id)
+            while True:
+                chunk = sink.take()
+                if chunk is not None:
+                    yield chunk
+                elif sink.ended:
+                    return
+                else:
+                    await sink.wait()
+        finally:
+            self.detach(sub)
+
+    def _end(self, sub: Subscriber, *, hint: bool = False) -> None:
+        if sub.closed:
+            return
+        if hint:
+            sub.sink.write(retry_hint(RECONNECT_HINT_MS))
+        sub.sink.end()
+        self.detach(sub)
+
+    def _fall_behind(self, sub: Subscriber) -> None:
+        """A live subscriber that cannot take more (or lost its place in memory)
+        leaves the live set and catches up by itself once its sink drains."""
+        catch_up = self._catch_up(sub, drain_first=True)
+        sub.task = asyncio.create_task(catch_up, name=f"streaming-catch-up:{sub.key}")
+
+    async def _start(self, sub: Subscriber) -> None:
+        channel = sub.channel
+        try:
+            if self._closing:
+                return self._end(sub, hint=True)
+            await self._ready(sub.key)
+            await self._seed(channel, *sub.key.split(":", 1))
             latest = channel.events[-1] if channel.events else None
-            if after is None:  # the seed's rule: the latest event at once, then the rest
-                after = latest.seq - 1 if latest else 0
-            elif _ended_by(latest, after):
-                return  # the client has seen the end already
-            ticks = channel.ticks
+            if sub.after is None:  # the seed's rule: the latest event at once, then the rest
+                sub.after = latest.seq - 1 if latest else 0
+            elif _ended_by(latest, sub.after):
+                return self._end(sub)  # the client has seen the end already
+        except Exception:
+            logger.exception("Starting a stream of %s failed", sub.key)
+            return self._end(sub, hint=True)
+        await self._catch_up(sub)
+
+    async def _catch_up(self, sub: Subscriber, *, drain_first: bool = False) -> None:
+        """Send a subscriber what it misses, chunk by chunk, then make it live."""
+        channel, sink = sub.channel, sub.sink
+        task_type, _, task_id = sub.key.partition(":")
+        try:
+            if drain_first and not await self._drained(sub):
+                return
             while not self._closing:
-                changed = channel.changed
-                batch = self._from_memory(channel, after)
+                batch = self._from_memory(channel, sub.after)
                 if batch is None:
-                    batch = await self._history.read(task_type, task_id, after, self._history_size)
+                    batch = await self._history.read(task_type, task_id, sub.after, self._history_size)
                     if channel.events:  # it may have filled while we read the log
                         first_in_memory = channel.events[0].seq
                         batch = [e for e in batch if e.seq < first_in_memory]
@@ -153,26 +318,36 @@ class MemoryBroker(Broker):
                             # A gap the log does not fill (persistence off), or
                             # memory caught up meanwhile: go on from memory,
                             # never back before what this client already has.
-                            after = max(after, first_in_memory - 1)
+                            sub.after = max(sub.after, first_in_memory - 1)
                             continue
                 if batch:
-                    chunk, after, terminal = self._chunk(batch)
-                    yield chunk
+                    data, sub.after, terminal = next(self._pieces(batch))
+                    sink.write(data)
                     if terminal:
+                        return self._end(sub)
+                    if sink.paused and not await self._drained(sub):
                         return
                     continue
-                if channel.events and _ended_by(channel.events[-1], after):
-                    return
-                if channel.ticks != ticks:
-                    ticks = channel.ticks
-                    yield KEEPALIVE
-                    continue
-                await changed.wait()
-            yield retry_hint(RECONNECT_HINT_MS)
-        finally:
-            channel.refs -= 1
-            if channel.refs == 0 and channel.done and self._channels.get(key) is channel:
-                del self._channels[key]
+                if channel.events and _ended_by(channel.events[-1], sub.after):
+                    return self._end(sub)
+                sub.task = None  # caught up: from now on _flush writes to it
+                return
+            self._end(sub, hint=True)
+        except Exception:
+            logger.exception("Streaming %s failed", sub.key)
+            self._end(sub, hint=True)
+
+    async def _drained(self, sub: Subscriber) -> bool:
+        """Wait for the sink to accept data again; cut off a client that reads nothing."""
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                await sub.sink.drain()
+            return True
+        except TimeoutError:
+            logger.info("Disconnecting a client of %s: it read nothing for %ss", sub.key, self._send_timeout)
+            sub.sink.abort()
+            self.detach(sub)
+            return False
 
     async def _seed(self, channel: Channel, task_type, task_id) -> None:
         """Load the task's recent events from the log into memory, once per channel.
@@ -209,26 +384,31 @@ class MemoryBroker(Broker):
             channel.events[:] = recent
         channel.seeded = True
 
-    async def _look_for_a_missed_end(self, channel: Channel, task_type, task_id) -> None:
+    async def _look_for_a_missed_end(self, key: str, channel: Channel, task_type, task_id) -> None:
         """Once per keep-alive interval per idle task: did it end without us hearing?
 
         With Redis, a node that dies between writing a task's end to the log
         and sending it to Redis leaves remote watchers waiting forever. If the
-        log has an end newer than memory, drop memory (the log holds it all)
-        so every subscriber reads on from the log and reaches the end.
+        log has an end newer than memory, what memory misses is read from the
+        log and delivered as if it had been published.
         """
         now = asyncio.get_running_loop().time()
         if now - channel.checked_at < self._keepalive:
             return
         channel.checked_at = now
-        if channel.events and channel.events[-1].terminal:
+        if not channel.seeded or (channel.events and channel.events[-1].terminal):
             return
         latest = await self._history.last(task_type, task_id)
         newest_here = channel.events[-1].seq if channel.events else 0
-        if latest is not None and latest.terminal and latest.seq > newest_here:
-            channel.events.clear()
-            channel.seeded = False  # read on from the log
-            channel.notify()
+        if latest is None or not latest.terminal or latest.seq <= newest_here:
+            return
+        while not (channel.events and channel.events[-1].terminal):
+            after = channel.events[-1].seq if channel.events else 0
+            missed = await self._history.read(task_type, task_id, after, self._history_size)
+            if not missed:
+                break
+            for event in missed:
+                self._append(key, channel, event)
 
     def _from_memory(self, channel: Channel, after: int) -> list[Event] | None:
         """Events after ``after`` held in memory; None when older ones may be missing."""
@@ -239,18 +419,77 @@ class MemoryBroker(Broker):
             return None
         return events[bisect_right(events, after, key=_seq) :]
 
-    def _chunk(self, batch: list[Event]) -> tuple[bytes, int, bool]:
-        parts = []
+    def _pieces(self, batch: list[Event]):
+        """``batch`` as chunks of at most MAX_CHUNK_BYTES (an event is never split),
+        each with its last seq and whether it ends the stream."""
+        parts: list[bytes] = []
         size = 0
         for event in batch:
             parts.append(event.sse)
             size += len(event.sse)
-            if event.terminal or size >= self._max_chunk:
-                break
-        last = batch[len(parts) - 1]
-        return b"".join(parts), last.seq, last.terminal
+            if event.terminal:
+                yield b"".join(parts), event.seq, True
+                return
+            if size >= self._max_chunk:
+                yield b"".join(parts), event.seq, False
+                parts, size = [], 0
+        if parts:
+            yield b"".join(parts), batch[-1].seq, False
 
     def close_subscriptions(self) -> None:
+        """End every stream with a reconnect hint (the server is shutting down)."""
         self._closing = True
-        for channel in self._channels.values():
-            channel.notify()
+        for channel in list(self._channels.values()):
+            for sub in list(channel.subs):
+                self._end(sub, hint=True)  # a catch-up task in progress is cancelled
+
+
+class QueueSink:
+    """The sink behind ``subscribe()``: at most one chunk waits for the consumer."""
+
+    __slots__ = ("_ready", "_space", "chunks", "ended", "paused")
+
+    def __init__(self):
+        self.chunks: list[bytes] = []
+        self.paused = False
+        self.ended = False
+        self._ready: asyncio.Future | None = None
+        self._space: asyncio.Future | None = None
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.paused = True
+        self._wake_consumer()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake_consumer()
+
+    abort = end
+
+    def take(self) -> bytes | None:
+        if not self.chunks:
+            return None
+        chunk = self.chunks.pop(0)
+        if not self.chunks:
+            self.paused = False
+            if self._space is not None and not self._space.done():
+                self._space.set_result(None)
+        return chunk
+
+    async def wait(self) -> None:
+        """Until something is written or the stream ends."""
+        self._ready = asyncio.get_running_loop().create_future()
+        try:
+            await self._ready
+        finally:
+            self._ready = None
+
+    async def drain(self) -> None:
+        while self.paused and not self.ended:
+            self._space = asyncio.get_running_loop().create_future()
+            await self._space
+
+    def _wake_consumer(self) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)

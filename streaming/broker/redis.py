@@ -15,7 +15,6 @@
 """
 
 import asyncio
-import contextlib
 import logging
 
 import redis.asyncio as aioredis
@@ -195,17 +194,10 @@ class RedisBroker(MemoryBroker):
 
     # -- HTTP side ----------------------------------------------------------------------
 
-    async def subscribe(self, key: str, after: int | None):
+    def _watch(self, key: str) -> None:
         self._watched[key] = self._watched.get(key, 0) + 1
-        try:
-            await self._watch(key)
-            async with contextlib.aclosing(super().subscribe(key, after)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        finally:
-            self._unwatch(key)
 
-    async def _watch(self, key: str) -> None:
+    async def _ready(self, key: str) -> None:
         if key not in self._cursors:
             # Read from the stream's current end: what came before reaches the
             # subscriber through its history read.
@@ -222,7 +214,7 @@ class RedisBroker(MemoryBroker):
             del self._watched[key]
             self._cursors.pop(key, None)
             channel = self._channels.get(key)
-            if channel is not None and channel.refs == 0 and key not in self._publishing:
+            if channel is not None and not channel.subs and key not in self._publishing:
                 del self._channels[key]  # no reader feeds it any more
 
     async def _read_streams(self) -> None:

@@ -1,5 +1,8 @@
-"""Test support: a real runserver_stream subprocess, and SSE read over HTTP."""
+"""Test support: a real runserver_stream subprocess, SSE read over HTTP, in-process helpers."""
 
+import asyncio
+import dataclasses
+import inspect
 import json
 import os
 import signal
@@ -13,6 +16,8 @@ from urllib.parse import quote
 
 import httpx
 from django.db import connection
+
+from streaming import conf
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {"complete", "error", "cancelled"}
@@ -189,3 +194,31 @@ def read_stream(url, *, headers=None, limit=None, timeout=30.0, on_event=None) -
             if time.monotonic() > deadline:
                 raise AssertionError(f"stream {url} did not end within {timeout}s: {events}")
     return events
+
+
+def node_settings(**overrides):
+    values = {
+        "BROKER_URL": None,
+        "RUN_TASKS": True,
+        "POLL_INTERVAL": 0.05,
+        "LEASE_SECONDS": 3.0,
+        "EVENT_FLUSH_INTERVAL": 0.02,
+        "SHUTDOWN_GRACE": 0.0,
+        "WAIT_POLL_INTERVAL": 0.05,
+    }
+    values.update(overrides)
+    return dataclasses.replace(conf.get_settings(), **values)
+
+
+async def eventually(check, *, timeout=5.0, interval=0.02, message="condition"):
+    """Poll ``check`` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(interval)

@@ -7,8 +7,6 @@ connection. Every wait polls for a condition with a deadline.
 """
 
 import asyncio
-import dataclasses
-import inspect
 import json
 import threading
 import time
@@ -21,31 +19,17 @@ from django.db import connections
 from django.test import TransactionTestCase
 from django.utils import timezone
 
-from streaming import conf, store
+from streaming import store
 from streaming.events import RESERVED_TYPES, Event, build_payload
 from streaming.models import ContinueTask, TaskEvent
 from streaming.node import Node, current_node
 from streaming.registry import task_key
-from streaming.tests.support import parse_sse
+from streaming.tests.support import eventually, node_settings, parse_sse
 from streaming.tests.testapp.models import EphemeralTask, FragileTask, GeneratorTask, ScriptedTask
 
 META_KEYS = {"_task_id", "_model", "_timestamp"}
 # Linux pids stay below pid_max, at most 2**22: no process has this one.
 DEAD_OWNER = f"{store.HOSTNAME}:{2**22 + 12345}:deadbeef"
-
-
-def node_settings(**overrides):
-    values = {
-        "BROKER_URL": None,
-        "RUN_TASKS": True,
-        "POLL_INTERVAL": 0.05,
-        "LEASE_SECONDS": 3.0,
-        "EVENT_FLUSH_INTERVAL": 0.02,
-        "SHUTDOWN_GRACE": 0.0,
-        "WAIT_POLL_INTERVAL": 0.05,
-    }
-    values.update(overrides)
-    return dataclasses.replace(conf.get_settings(), **values)
 
 
 def data_of(event) -> dict:
@@ -68,20 +52,6 @@ logged = sync_to_async(logged_sync)
 
 def summary(events) -> list[tuple[int, str]]:
     return [(e.seq, e.type) for e in events]
-
-
-async def eventually(check, *, timeout=5.0, interval=0.02, message="condition"):
-    """Poll ``check`` (sync or async) until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        await asyncio.sleep(interval)
 
 
 async def wait_status(task, *statuses, timeout=5.0):
@@ -355,7 +325,7 @@ class CancellationTests(RunnerTestCase):
             watcher = asyncio.create_task(watch())
             # Subscribed and parked on the channel's signal before the task starts.
             await eventually(
-                lambda: key in node.broker._channels and node.broker._channels[key].changed._waiters,
+                lambda: key in node.broker._channels and any(s.live for s in node.broker._channels[key].subs),
                 message="the watcher to wait",
             )
             async with node.eventlog._lock:

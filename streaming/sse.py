@@ -1,0 +1,119 @@
+"""A stream written straight to its socket: runserver_stream's path for /stream/.
+
+uvicorn parses the request; server.py then hands the connection to a
+``SocketStream``, which is the broker's sink for that client. From then on
+an event costs one ``transport.write`` of bytes shared by every client, and
+an idle stream costs this object, the broker's cursor and the transport:
+no ASGI cycle, no coroutine, no task, no timer.
+"""
+
+import asyncio
+import logging
+from http import HTTPStatus
+
+from .http import Reply, StreamingApp
+
+logger = logging.getLogger(__name__)
+
+# The body ends when the connection closes (no chunked framing), so every
+# client's bytes are exactly the shared event bytes.
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"content-type: text/event-stream; charset=utf-8\r\n"
+    b"cache-control: no-cache\r\n"
+    b"x-accel-buffering: no\r\n"  # nginx: do not buffer the stream
+    b"connection: close\r\n"
+    b"\r\n"
+)
+
+
+def encode_reply(reply: Reply) -> bytes:
+    body = reply.body.encode()
+    head = [
+        f"HTTP/1.1 {reply.status} {HTTPStatus(reply.status).phrase}".encode(),
+        b"content-type: " + reply.content_type,
+        b"content-length: %d" % len(body),
+        *(name + b": " + value for name, value in reply.headers),
+        b"connection: close",
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+class SocketStream(asyncio.Protocol):
+    """One stream's connection after its request was read; a broker Sink."""
+
+    __slots__ = ("_app", "_broker", "_drained", "_opening", "paused", "subscriber", "transport")
+
+    def __init__(self, transport: asyncio.Transport, app: StreamingApp):
+        self.transport = transport
+        self.paused = False
+        self.subscriber = None
+        self._app = app
+        self._broker = None
+        self._drained: asyncio.Future | None = None
+        self._opening: asyncio.Task | None = None
+
+    def open(self, method: str, path: str, query_string: bytes, headers) -> None:
+        self._opening = asyncio.get_running_loop().create_task(
+            self._open(method, path, query_string, headers), name="streaming-open"
+        )
+
+    async def _open(self, method, path, query_string, headers) -> None:
+        try:
+            opened = await self._app.open_stream(method, path, query_string, headers)
+        except Exception:
+            logger.exception("Opening the stream %s failed", path)
+            opened = Reply(500, "Internal server error\n")
+        finally:
+            self._opening = None
+        if self.transport.is_closing():
+            return  # the client left while we looked the task up
+        if isinstance(opened, Reply):
+            self.transport.write(encode_reply(opened))
+            self.transport.close()
+            return
+        key, after = opened
+        self.transport.write(STREAM_HEAD)
+        self._broker = self._app.node.broker
+        self.subscriber = self._broker.attach(key, after, self)
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        pass  # a stream's client has nothing more to say
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake_drain()
+
+    def connection_lost(self, exc) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+        if self.subscriber is not None:
+            self._broker.detach(self.subscriber)
+            self.subscriber = None
+        self._wake_drain()
+
+    # -- Sink ---------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        while self.paused and not self.transport.is_closing():
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    def end(self) -> None:
+        self.transport.close()  # after what is buffered has been sent
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    def _wake_drain(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)

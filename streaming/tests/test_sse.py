@@ -1,0 +1,148 @@
+"""The direct socket path (server.py + sse.py) and the ASGI path, served in-process.
+
+A real uvicorn server runs in the test's event loop on a real socket, so the
+tests can look at the broker while raw-socket clients come and go.
+"""
+
+import asyncio
+import contextlib
+import socket
+from unittest import mock
+
+import uvicorn
+from django.db.models import QuerySet
+from django.test import TransactionTestCase
+
+from streaming.http import StreamingApp
+from streaming.node import Node
+from streaming.registry import task_key
+from streaming.server import _config
+from streaming.tests.support import eventually, node_settings, parse_sse
+from streaming.tests.testapp.models import ScriptedTask
+
+
+@contextlib.asynccontextmanager
+async def serving(*, direct=True, **settings):
+    """runserver_stream's uvicorn set-up (direct=False: plain uvicorn, ASGI only)."""
+    app = StreamingApp(node_factory=lambda: Node(node_settings(**settings)))
+    config = _config(app, host="127.0.0.1", port=0, uds=None, log_level="warning")
+    if not direct:
+        config.http = "httptools"
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    serve = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await eventually(lambda: server.started or serve.done(), message="the server to start")
+        yield app, sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await app.shutdown()
+        await asyncio.wait_for(serve, 10)
+        sock.close()
+
+
+async def open_stream(port: int, path: str, headers: str = ""):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nhost: test\r\n{headers}\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return head.decode(), reader, writer
+
+
+async def read_to_close(reader, timeout=10.0) -> bytes:
+    return await asyncio.wait_for(reader.read(), timeout)
+
+
+class DirectStreamTests(TransactionTestCase):
+    async def test_a_stream_is_the_seed_format_and_ends_with_the_connection(self):
+        task = await ScriptedTask.objects.acreate(steps=2, status="created")
+        async with serving() as (_app, port):
+            head, reader, writer = await open_stream(port, f"/stream/testapp/ScriptedTask/{task.pk}")
+            await task.astart()
+            body = await read_to_close(reader)
+            writer.close()
+        self.assertTrue(head.startswith("HTTP/1.1 200 OK\r\n"), head)
+        self.assertIn("content-type: text/event-stream; charset=utf-8\r\n", head)
+        self.assertIn("connection: close\r\n", head)
+        self.assertNotIn("transfer-encoding", head)  # the bytes on the wire are the event bytes
+        events = parse_sse(body.decode())
+        self.assertEqual([e.event for e in events], ["step", "step", "complete"])
+        self.assertEqual([e.id for e in events], [1, 2, 3])
+        self.assertTrue(body.startswith(b"event: step\ndata: {"))
+
+    async def test_clients_that_leave_leave_nothing_behind(self):
+        task = await ScriptedTask.objects.acreate(steps=1, status="created")
+        key = task_key(ScriptedTask, task.pk)
+        async with serving() as (app, port):
+            clients = [await open_stream(port, f"/stream/ScriptedTask/{task.pk}") for _ in range(50)]
+            broker = app.node.broker
+            await eventually(
+                lambda: key in broker._channels and sum(s.live for s in broker._channels[key].subs) == 50,
+                message="50 live subscribers",
+            )
+            for _head, _reader, writer in clients:
+                writer.close()
+            await eventually(lambda: key not in broker._channels, message="the channel to be dropped")
+            # The server still serves: a new client gets the task's event.
+            _head, reader, writer = await open_stream(port, f"/stream/ScriptedTask/{task.pk}")
+            await task.astart()
+            events = parse_sse((await read_to_close(reader)).decode())
+            writer.close()
+        self.assertEqual([e.event for e in events], ["step", "complete"])
+
+    async def test_many_clients_of_one_task_share_one_row_lookup(self):
+        task = await ScriptedTask.objects.acreate(steps=1, status="created")
+        release = asyncio.Event()
+        lookups = 0
+        original = QuerySet.afirst
+
+        async def held_lookup(queryset):
+            nonlocal lookups
+            lookups += 1
+            await release.wait()  # every client arrives while the first lookup runs
+            return await original(queryset)
+
+        def opening():
+            return sum(t.get_name() == "streaming-open" and not t.done() for t in asyncio.all_tasks())
+
+        async with serving() as (_app, port):
+            with mock.patch.object(QuerySet, "afirst", held_lookup):
+                path = f"/stream/ScriptedTask/{task.pk}"
+                connects = [asyncio.create_task(open_stream(port, path)) for _ in range(100)]
+                await eventually(lambda: opening() == 100, message="100 requests being opened")
+                release.set()
+                clients = await asyncio.gather(*connects)
+            self.assertEqual(lookups, 1)
+            self.assertTrue(all(head.startswith("HTTP/1.1 200 OK") for head, _r, _w in clients))
+            await task.astart()
+            bodies = await asyncio.gather(*(read_to_close(reader) for _h, reader, _w in clients))
+            for _h, _r, writer in clients:
+                writer.close()
+        self.assertEqual({len(parse_sse(b.decode())) for b in bodies}, {2})
+
+    async def test_errors_are_complete_responses_and_the_server_goes_on(self):
+        async with serving() as (_app, port):
+            head, reader, writer = await open_stream(port, "/stream/ScriptedTask/999999")
+            body = await read_to_close(reader)
+            writer.close()
+            self.assertTrue(head.startswith("HTTP/1.1 404 Not Found\r\n"), head)
+            self.assertEqual(body, b"ScriptedTask 999999 not found\n")
+            head, reader, writer = await open_stream(port, "/stream/ScriptedTask/1", "last-event-id: x\r\n")
+            body = await read_to_close(reader)
+            writer.close()
+            self.assertTrue(head.startswith("HTTP/1.1 400 Bad Request\r\n"), head)
+            self.assertIn(b"Malformed Last-Event-ID", body)
+
+    async def test_plain_uvicorn_serves_streams_through_the_asgi_app(self):
+        # config.asgi:application under any ASGI server: the same stream, chunked.
+        task = await ScriptedTask.objects.acreate(steps=2, status="created")
+        async with serving(direct=False) as (_app, port):
+            head, reader, writer = await open_stream(port, f"/stream/ScriptedTask/{task.pk}")
+            await task.astart()
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 10)
+            writer.close()
+        self.assertIn("transfer-encoding: chunked", head)
+        body = b"".join(raw.split(b"\r\n")[1::2])  # chunk payloads, without the size lines
+        events = parse_sse(body.decode())
+        self.assertEqual([e.event for e in events], ["step", "step", "complete"])
