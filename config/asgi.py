@@ -4,6 +4,6 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
-from streaming.http import get_asgi_application
+from streaming.asgi import get_asgi_application
 
 application = get_asgi_application()

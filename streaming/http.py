@@ -254,18 +254,3 @@ async def _respond(send, reply: Reply):
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-def get_asgi_application():
-    """The project's ASGI app: streaming paths here, all else to Django."""
-    import django
-    from django.conf import settings
-    from django.core.handlers.asgi import ASGIHandler
-
-    django.setup(set_prefix=False)
-    django_app = ASGIHandler()
-    if settings.DEBUG and "django.contrib.staticfiles" in settings.INSTALLED_APPS:
-        from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
-
-        django_app = ASGIStaticFilesHandler(django_app)
-    return StreamingApp(django_app)

@@ -94,7 +94,7 @@ def load_app() -> StreamingApp:
     if not isinstance(app, StreamingApp):
         raise TypeError(
             f"ASGI_APPLICATION {settings.ASGI_APPLICATION} must be a streaming.http.StreamingApp "
-            "(use streaming.http.get_asgi_application())"
+            "(use streaming.asgi.get_asgi_application())"
         )
     return app
 

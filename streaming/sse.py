@@ -100,8 +100,10 @@ class SocketStream(asyncio.Protocol):
     # -- Sink ---------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if not self.transport.is_closing():
+        try:  # noqa: SIM105 - the hot path; try costs nothing, suppress() a call per write
             self.transport.write(data)
+        except RuntimeError:
+            pass  # uvloop: the socket closed under us; connection_lost follows
 
     async def drain(self) -> None:
         while self.paused and not self.transport.is_closing():

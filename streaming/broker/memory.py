@@ -172,8 +172,9 @@ class MemoryBroker(Broker):
         channel.active_at = asyncio.get_running_loop().time()
         pieces_after: dict[int, list[tuple[bytes, int, bool]] | None] = {}
         latest = channel.events[-1] if channel.events else None
+        end_seq = latest.seq if latest is not None and latest.terminal else None
         for sub in list(channel.subs):
-            if not sub.live:
+            if sub.task is not None or sub.closed:  # catching up by itself, or gone
                 continue
             after = sub.after
             pieces = pieces_after.get(after, ())
@@ -194,7 +195,7 @@ class MemoryBroker(Broker):
                     self._end(sub)
                     break
             else:
-                if _ended_by(latest, sub.after):  # it resumed past an end that came after all
+                if end_seq is not None and sub.after >= end_seq:  # it resumed past the end
                     self._end(sub)
 
     def wake_runners(self) -> None:

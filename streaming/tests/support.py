@@ -80,12 +80,14 @@ def manage(*args, timeout=60, **streaming) -> subprocess.CompletedProcess:
 class ServerProcess:
     """``manage.py runserver_stream`` on a free port, on the test database."""
 
-    def __init__(self, *, port=None, socket_path=None, workers=1, **streaming):
+    def __init__(self, *, port=None, socket_path=None, workers=1, command=None, **streaming):
+        """``command``: run this instead (``{port}`` is filled in), e.g. another ASGI server."""
         streaming.setdefault("poll_interval", 0.05)
         self.port = port or free_port()
         self.socket_path = socket_path
         self.workers = workers
         self.streaming = streaming
+        self.command = command
         self.proc: subprocess.Popen | None = None
         self.log_path = None
 
@@ -101,8 +103,11 @@ class ServerProcess:
         )
         self.log_path = log.name
         where = ["--socket", self.socket_path] if self.socket_path else ["--port", str(self.port)]
+        command = [sys.executable, "manage.py", "runserver_stream", *where, "--workers", str(self.workers)]
+        if self.command:
+            command = [arg.format(port=self.port) for arg in self.command]
         self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "runserver_stream", *where, "--workers", str(self.workers)],
+            command,
             cwd=REPO,
             env=subprocess_env(**self.streaming),
             stdout=log,

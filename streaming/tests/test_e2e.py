@@ -333,3 +333,21 @@ class StreamClientTests(TransactionTestCase):
         self.assertIn("reconnecting", out)
         self.assertIn("Stream ended with: COMPLETE", out)
         self.assertIn("Event: RETRY", out)
+
+
+class OtherAsgiServerTests(ServerTestCase):
+    """config.asgi:application under plain uvicorn: the portable ASGI path."""
+
+    server_settings = {
+        "command": [sys.executable, "-m", "uvicorn", "config.asgi:application", "--port", "{port}"],
+    }
+
+    def test_streams_and_runs_tasks_under_plain_uvicorn(self):
+        task = ScriptedTask.objects.create(steps=3)
+        with httpx.stream("GET", self.url(task, history="all"), timeout=15) as response:
+            self.assertEqual(response.headers["transfer-encoding"], "chunked")  # not our socket path
+            body = response.read().decode()
+        events = parse_sse(body)
+        self.assertEqual([e.event for e in events], ["step", "step", "step", "complete"])
+        self.assertEqual([e.id for e in events], [1, 2, 3, 4])
+        self.assertEqual(httpx.get(f"{self.server.url}/stream/ScriptedTask/0", timeout=5).status_code, 404)

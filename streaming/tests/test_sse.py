@@ -1,4 +1,4 @@
-"""The direct socket path (server.py + sse.py) and the ASGI path, served in-process.
+"""The direct socket path (server.py + sse.py), served in-process.
 
 A real uvicorn server runs in the test's event loop on a real socket, so the
 tests can look at the broker while raw-socket clients come and go.
@@ -22,12 +22,10 @@ from streaming.tests.testapp.models import ScriptedTask
 
 
 @contextlib.asynccontextmanager
-async def serving(*, direct=True, **settings):
-    """runserver_stream's uvicorn set-up (direct=False: plain uvicorn, ASGI only)."""
+async def serving(**settings):
+    """runserver_stream's uvicorn set-up, in this process."""
     app = StreamingApp(node_factory=lambda: Node(node_settings(**settings)))
     config = _config(app, host="127.0.0.1", port=0, uds=None, log_level="warning")
-    if not direct:
-        config.http = "httptools"
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None
     sock = socket.socket()
@@ -133,16 +131,3 @@ class DirectStreamTests(TransactionTestCase):
             writer.close()
             self.assertTrue(head.startswith("HTTP/1.1 400 Bad Request\r\n"), head)
             self.assertIn(b"Malformed Last-Event-ID", body)
-
-    async def test_plain_uvicorn_serves_streams_through_the_asgi_app(self):
-        # config.asgi:application under any ASGI server: the same stream, chunked.
-        task = await ScriptedTask.objects.acreate(steps=2, status="created")
-        async with serving(direct=False) as (_app, port):
-            head, reader, writer = await open_stream(port, f"/stream/ScriptedTask/{task.pk}")
-            await task.astart()
-            raw = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 10)
-            writer.close()
-        self.assertIn("transfer-encoding: chunked", head)
-        body = b"".join(raw.split(b"\r\n")[1::2])  # chunk payloads, without the size lines
-        events = parse_sse(body.decode())
-        self.assertEqual([e.event for e in events], ["step", "step", "complete"])
