@@ -68,6 +68,10 @@ class StreamingApp:
                 return await _respond(send, Reply(200, "OK"))
             if path.startswith("/stream/"):
                 return await self._stream_endpoint(scope, receive, send)
+        elif kind == "websocket":
+            # Neither we nor Django speak WebSocket: refused before the
+            # handshake (the server answers 403).
+            return await send({"type": "websocket.close", "code": 1008})
         if self.django_app is None:
             return await _respond(send, Reply(404, f"Not found: {scope.get('path', '')}\n"))
         return await self.django_app(scope, receive, send)
@@ -114,14 +118,16 @@ class StreamingApp:
         if self.node is None:
             return Reply(503, "Streaming node is not running\n")
         headers = dict(headers)
+        wants_status = b"application/json" in headers.get(b"accept", b"")
         try:
             model, pk, after = _parse(path, query_string, headers)
-            task = await self._find(model, pk)
+            # A status is read fresh; a stream can share a lookup in flight.
+            task = await (model.objects.filter(pk=pk).afirst() if wants_status else self._find(model, pk))
             if task is None:
                 raise NotFound(f"{model.stream_name()} {pk} not found\n")
         except (BadRequest, NotFound) as exc:
             return Reply(exc.status, str(exc))
-        if b"application/json" in headers.get(b"accept", b""):
+        if wants_status:
             return await self._status(task)
         key = task_key(model, task.pk)
         if after is not None and task.is_finished:
@@ -241,16 +247,12 @@ def _iso(value):
 
 
 async def _respond(send, reply: Reply):
-    body = reply.body.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": reply.status,
-            "headers": [
-                (b"content-type", reply.content_type),
-                (b"content-length", str(len(body)).encode()),
-                *reply.headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.start", "status": reply.status, "headers": reply_headers(reply)})
+    await send({"type": "http.response.body", "body": reply.body.encode()})
+
+
+def reply_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
+    if reply.status == 204:  # no body, so no content headers
+        return list(reply.headers)
+    length = str(len(reply.body.encode())).encode()
+    return [(b"content-type", reply.content_type), (b"content-length", length), *reply.headers]

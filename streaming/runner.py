@@ -321,6 +321,7 @@ class Runner:
             logger.exception("Ending task %s failed; its lease will expire", run.key)
         finally:
             self.runs.pop(run.key, None)
+            self.broker.run_stopped(run.key)
 
     async def _end_durably(self, run, status, event_type, data, final_value, error_text) -> None:
         """run.end(), again and again while the database fails.

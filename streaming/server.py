@@ -43,6 +43,7 @@ class StreamingHttpProtocol(HttpToolsProtocol):
         url = httptools.parse_url(self.url)
         if (
             url.path.startswith(b"/stream/")
+            and not self.parser.should_upgrade()  # uvicorn answers upgrades (WebSocket) itself
             and (self.cycle is None or self.cycle.response_complete)
             and self.streaming_app.node is not None
         ):

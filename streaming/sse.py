@@ -11,7 +11,7 @@ import asyncio
 import logging
 from http import HTTPStatus
 
-from .http import Reply, StreamingApp
+from .http import Reply, StreamingApp, reply_headers
 
 logger = logging.getLogger(__name__)
 
@@ -27,22 +27,20 @@ STREAM_HEAD = (
 )
 
 
-def encode_reply(reply: Reply) -> bytes:
-    body = reply.body.encode()
-    head = [
+def encode_reply(reply: Reply, *, head_only: bool = False) -> bytes:
+    lines = [
         f"HTTP/1.1 {reply.status} {HTTPStatus(reply.status).phrase}".encode(),
-        b"content-type: " + reply.content_type,
-        b"content-length: %d" % len(body),
-        *(name + b": " + value for name, value in reply.headers),
+        *(name + b": " + value for name, value in reply_headers(reply)),
         b"connection: close",
     ]
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
+    body = b"" if head_only else reply.body.encode()
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 class SocketStream(asyncio.Protocol):
     """One stream's connection after its request was read; a broker Sink."""
 
-    __slots__ = ("_app", "_broker", "_drained", "_opening", "paused", "subscriber", "transport")
+    __slots__ = ("_app", "_broker", "_closer", "_drained", "_opening", "paused", "subscriber", "transport")
 
     def __init__(self, transport: asyncio.Transport, app: StreamingApp):
         self.transport = transport
@@ -50,6 +48,7 @@ class SocketStream(asyncio.Protocol):
         self.subscriber = None
         self._app = app
         self._broker = None
+        self._closer: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future | None = None
         self._opening: asyncio.Task | None = None
 
@@ -69,7 +68,7 @@ class SocketStream(asyncio.Protocol):
         if self.transport.is_closing():
             return  # the client left while we looked the task up
         if isinstance(opened, Reply):
-            self.transport.write(encode_reply(opened))
+            self.transport.write(encode_reply(opened, head_only=method == "HEAD"))
             self.transport.close()
             return
         key, after = opened
@@ -82,6 +81,10 @@ class SocketStream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         pass  # a stream's client has nothing more to say
 
+    # eof_received is asyncio's default: the client's FIN closes the stream.
+    # That is how a client that leaves an idle stream is noticed at once; a
+    # client that half-closes after its request (no SSE client does) loses it.
+
     def pause_writing(self) -> None:
         self.paused = True
 
@@ -90,6 +93,8 @@ class SocketStream(asyncio.Protocol):
         self._wake_drain()
 
     def connection_lost(self, exc) -> None:
+        if self._closer is not None:
+            self._closer.cancel()
         if self._opening is not None:
             self._opening.cancel()
         if self.subscriber is not None:
@@ -111,7 +116,11 @@ class SocketStream(asyncio.Protocol):
             await self._drained
 
     def end(self) -> None:
-        self.transport.close()  # after what is buffered has been sent
+        self.transport.close()  # after what is buffered has been sent...
+        if self._closer is None:
+            # ...unless the client stops reading: cut it off as a stalled stream is.
+            timeout = self._app.node.settings.CLIENT_SEND_TIMEOUT if self._app.node else 30.0
+            self._closer = asyncio.get_running_loop().call_later(timeout, self.transport.abort)
 
     def abort(self) -> None:
         self.transport.abort()

@@ -33,6 +33,9 @@ class Broker(ABC):
     def subscribe(self, key: str, after: int | None) -> AsyncIterator[bytes]:
         """``attach()`` as an async iterator of SSE byte chunks."""
 
+    def run_stopped(self, key: str) -> None:  # noqa: B027 - optional hook
+        """This node's run of ``key`` is over (ended, or lost its lease)."""
+
     @abstractmethod
     def close_subscriptions(self) -> None:
         """End every open subscription (the server is shutting down)."""

@@ -128,20 +128,23 @@ class MemoryBroker(Broker):
         while True:
             await asyncio.sleep(self._keepalive / 2)
             now = loop.time()
+            idle = []
             for key, channel in list(self._channels.items()):
                 if channel.subs and now - channel.active_at >= self._keepalive:
                     channel.active_at = now
+                    idle.append((key, channel))
                     for sub in list(channel.subs):
                         if sub.live:
                             if sub.sink.paused:  # nothing read for a while: see if it is stalled
                                 self._fall_behind(sub)
                             else:
                                 sub.sink.write(KEEPALIVE)
-                    task_type, _, task_id = key.partition(":")
-                    try:
-                        await self._look_for_a_missed_end(key, channel, task_type, task_id)
-                    except Exception:
-                        logger.exception("Looking for the end of %s failed", key)
+            # After every keep-alive is out, not between them: each look is a query.
+            looks = [self._look_for_a_missed_end(key, channel) for key, channel in idle]
+            outcomes = await asyncio.gather(*looks, return_exceptions=True)
+            for (key, _channel), outcome in zip(idle, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    logger.error("Looking for the end of %s failed", key, exc_info=outcome)
 
     # -- runner side --------------------------------------------------------
 
@@ -163,7 +166,7 @@ class MemoryBroker(Broker):
             # (a burst, a batch from Redis) goes out in one write per client.
             channel.flush_pending = True
             asyncio.get_running_loop().call_soon(self._flush, key, channel)
-        if event.terminal and not channel.subs:
+        if event.terminal and not channel.subs and self._channels.get(key) is channel:
             del self._channels[key]
 
     def _flush(self, key: str, channel: Channel) -> None:
@@ -222,7 +225,7 @@ class MemoryBroker(Broker):
         sub = Subscriber(key, channel, sink, after)
         channel.subs.add(sub)
         self._watch(key)
-        if self._ticker is None or self._ticker.done():
+        if (self._ticker is None or self._ticker.done()) and not self._closing:
             self._ticker = asyncio.create_task(self._tick(), name="streaming-keepalive")
         sub.task = asyncio.create_task(self._start(sub), name=f"streaming-subscribe:{key}")
         return sub
@@ -385,7 +388,7 @@ class MemoryBroker(Broker):
             channel.events[:] = recent
         channel.seeded = True
 
-    async def _look_for_a_missed_end(self, key: str, channel: Channel, task_type, task_id) -> None:
+    async def _look_for_a_missed_end(self, key: str, channel: Channel) -> None:
         """Once per keep-alive interval per idle task: did it end without us hearing?
 
         With Redis, a node that dies between writing a task's end to the log
@@ -393,6 +396,7 @@ class MemoryBroker(Broker):
         log has an end newer than memory, what memory misses is read from the
         log and delivered as if it had been published.
         """
+        task_type, _, task_id = key.partition(":")
         now = asyncio.get_running_loop().time()
         if now - channel.checked_at < self._keepalive:
             return
@@ -406,8 +410,8 @@ class MemoryBroker(Broker):
         while not (channel.events and channel.events[-1].terminal):
             after = channel.events[-1].seq if channel.events else 0
             missed = await self._history.read(task_type, task_id, after, self._history_size)
-            if not missed:
-                break
+            if not missed or self._channels.get(key) is not channel:
+                break  # nothing more, or the channel was dropped (its clients left) meanwhile
             for event in missed:
                 self._append(key, channel, event)
 

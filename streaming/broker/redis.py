@@ -123,6 +123,14 @@ class RedisBroker(MemoryBroker):
         self._outbox_ready.set()
         await super().publish(key, event)
 
+    def run_stopped(self, key: str) -> None:
+        # A run that lost its lease sent no end: without this its channel
+        # would stay here, fed by nobody, while another node goes on.
+        self._publishing.discard(key)
+        channel = self._channels.get(key)
+        if channel is not None and not channel.subs and key not in self._watched:
+            del self._channels[key]
+
     async def _send_outbox(self) -> None:
         while True:
             await self._outbox_ready.wait()
@@ -205,7 +213,16 @@ class RedisBroker(MemoryBroker):
             # Another subscription of this key may have registered it meanwhile,
             # and the reader moved on from there: never move a cursor forward.
             if key in self._watched and key not in self._cursors:
-                self._cursors[key] = top[0][0] if top else b"0-0"
+                cursor = top[0][0] if top else b"0-0"
+                channel = self._channels.get(key)
+                if channel is not None and channel.events:
+                    # Memory already holds this task (its run was here until
+                    # another node took over): read on from where memory
+                    # stops, not from the top, so nothing between is skipped.
+                    held = channel.events[-1].seq
+                    if held < int(cursor.split(b"-", 1)[0]):
+                        cursor = f"{held}-0".encode()
+                self._cursors[key] = cursor
                 self._watch_changed.set()
 
     def _unwatch(self, key: str) -> None:

@@ -603,6 +603,42 @@ class MissedEndTests(BrokerTestCase):
         self.assertEqual([s for chunk in rest if chunk != KEEPALIVE for s in seqs_of(chunk)], [3, 4])
 
 
+class MissedEndRaceTests(BrokerTestCase):
+    async def test_a_look_at_a_dropped_channel_leaves_the_new_one_alone(self):
+        # The tick's look for a missed end waits on the log; meanwhile its
+        # channel's clients leave and a new client opens a new channel.
+        self.make()
+        gate = asyncio.Event()
+        original_last = self.history.last
+
+        async def gated_last(*args):
+            await gate.wait()
+            return await original_last(*args)
+
+        first = self.broker.subscribe(KEY, None)
+        reader = asyncio.create_task(anext(first))
+        await asyncio.sleep(0.01)
+        old = self.broker._channels[KEY]
+        self.history.last = gated_last
+        look = asyncio.create_task(self.broker._look_for_a_missed_end(KEY, old))
+        await asyncio.sleep(0.01)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await first.aclose()
+        self.assertNotIn(KEY, self.broker._channels)
+        self.history.last = original_last
+        async with contextlib.aclosing(self.broker.subscribe(KEY, None)) as second:
+            waiting = asyncio.create_task(anext(second))
+            await asyncio.sleep(0.01)
+            new = self.broker._channels[KEY]
+            self.history.add(KEY, ev(1), ev(2, "complete"))  # the task ended elsewhere
+            gate.set()
+            await look
+            self.assertIs(self.broker._channels.get(KEY), new)  # still reachable by publish and the tick
+            await self.publish(ev(1), ev(2, "complete"), persist=False)
+            self.assertEqual(seqs_of(await waiting), [1, 2])
+
+
 class SeedingTests(BrokerTestCase):
     async def test_many_clients_arriving_at_once_read_the_log_once(self):
         self.make()

@@ -261,3 +261,48 @@ class RedisBrokerTests(DistributedTestCase):
 
         watched, cursors, channels = async_to_sync(scenario)()
         self.assertEqual((watched, cursors, channels), ({}, {}, {}))
+
+    def test_a_node_whose_run_moved_elsewhere_serves_what_the_other_node_sent(self):
+        # Node A ran the task (events 1..5, in its memory), lost the lease without
+        # an end; node B went on with 6..10. A client of A resuming from 3 must
+        # get 4..11 with nothing skipped.
+        import redis.asyncio as aioredis
+        from asgiref.sync import async_to_sync
+
+        from streaming.broker.redis import RedisBroker, stream_name
+
+        from .test_broker import FakeHistory, ev, seqs_of
+
+        settings = get_settings()
+        key = "testapp.scriptedtask:987654322"
+
+        async def scenario():
+            log = FakeHistory()
+            node_a = RedisBroker(settings.BROKER_URL, history=log, settings=settings)
+            other = aioredis.Redis.from_url(settings.BROKER_URL)
+            await node_a.start()
+            try:
+                await other.delete(stream_name(key))
+                for i in range(1, 6):
+                    await node_a.publish(key, ev(i))
+                    log.add(key, ev(i))
+                await node_a.flush()
+                node_a.run_stopped(key)  # the lease is lost: no end from A
+                for i in range(6, 11):
+                    await other.xadd(stream_name(key), {"t": "progress", "p": ev(i).payload}, id=f"{i}-0")
+                    log.add(key, ev(i))
+                got = []
+                async with contextlib.aclosing(node_a.subscribe(key, 3)) as chunks:
+                    async with asyncio.timeout(10):
+                        async for chunk in chunks:
+                            got += seqs_of(chunk)
+                            if got[-1] == 10:
+                                end = {"t": "complete", "p": ev(11, "complete").payload}
+                                await other.xadd(stream_name(key), end, id="11-0")
+                return got
+            finally:
+                await other.delete(stream_name(key))
+                await other.aclose()
+                await node_a.stop()
+
+        self.assertEqual(async_to_sync(scenario)(), list(range(4, 12)))

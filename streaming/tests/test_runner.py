@@ -331,7 +331,16 @@ class CancellationTests(RunnerTestCase):
             async with node.eventlog._lock:
                 await task.astart()
                 # process() returned; the run is writing its result (blocked on the log).
-                await eventually(lambda: node.eventlog._lock._waiters, message="the end to be written")
+                # (The log's own timer also waits on the lock: a waiter alone
+                # does not say that the task was even claimed yet.)
+                await eventually(
+                    lambda: (
+                        key in node.runner.runs
+                        and any(e.event == "step" for e in seen)
+                        and node.eventlog._lock._waiters
+                    ),
+                    message="the end to be written",
+                )
                 run = node.runner.runs[key]
                 await task.acancel()
                 # The runner delivered the cancel: the run ended, or took it and went on.

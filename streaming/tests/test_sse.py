@@ -131,3 +131,21 @@ class DirectStreamTests(TransactionTestCase):
             writer.close()
             self.assertTrue(head.startswith("HTTP/1.1 400 Bad Request\r\n"), head)
             self.assertIn(b"Malformed Last-Event-ID", body)
+
+    async def test_head_and_upgrade_requests(self):
+        task = await ScriptedTask.objects.acreate(steps=1, status="created")
+        path = f"/stream/ScriptedTask/{task.pk}"
+        async with serving() as (_app, port):
+            # HEAD: 405 with its headers and no body.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"HEAD {path} HTTP/1.1\r\nhost: test\r\n\r\n".encode())
+            raw = await read_to_close(reader)
+            writer.close()
+            self.assertTrue(raw.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), raw)
+            self.assertTrue(raw.endswith(b"\r\n\r\n"), raw)
+            # A WebSocket upgrade is uvicorn's to answer, not a stream (and no crash).
+            upgrade = "connection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n"
+            upgrade += "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            head, reader, writer = await open_stream(port, path, upgrade)
+            writer.close()
+            self.assertTrue(head.startswith("HTTP/1.1 403 Forbidden\r\n"), head)
