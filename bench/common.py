@@ -89,7 +89,7 @@ class Server:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         if children.exists():
             pids += [int(p) for p in children.read_text().split()]
-        return _rss_kb(pids)
+        return rss_kb_of(pids)
 
 
 def load(
@@ -144,14 +144,14 @@ class Ceiling:
         )
 
     def rss_kb(self) -> int:
-        return _rss_kb([self.proc.pid])
+        return rss_kb_of([self.proc.pid])
 
     def stop(self):
         self.proc.terminate()
         self.proc.wait(10)
 
 
-def _rss_kb(pids) -> int:
+def rss_kb_of(pids) -> int:
     total = 0
     for pid in pids:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
