@@ -68,9 +68,10 @@ class StreamingApp:
                 return await _respond(send, Reply(200, "OK"))
             if path.startswith("/stream/"):
                 return await self._stream_endpoint(scope, receive, send)
-        elif kind == "websocket":
-            # Neither we nor Django speak WebSocket: refused before the
-            # handshake (the server answers 403).
+        if kind == "websocket" and (self.django_app is None or scope["path"].startswith("/stream/")):
+            # Streams are SSE, not WebSocket: refused before the handshake
+            # (the server answers 403). Other paths go to the wrapped app
+            # (which may speak WebSocket, e.g. Channels).
             return await send({"type": "websocket.close", "code": 1008})
         if self.django_app is None:
             return await _respond(send, Reply(404, f"Not found: {scope.get('path', '')}\n"))

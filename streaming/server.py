@@ -43,7 +43,7 @@ class StreamingHttpProtocol(HttpToolsProtocol):
         url = httptools.parse_url(self.url)
         if (
             url.path.startswith(b"/stream/")
-            and not self.parser.should_upgrade()  # uvicorn answers upgrades (WebSocket) itself
+            and not (self.parser.should_upgrade() and self._should_upgrade())  # a WebSocket: uvicorn's
             and (self.cycle is None or self.cycle.response_complete)
             and self.streaming_app.node is not None
         ):

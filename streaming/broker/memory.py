@@ -21,6 +21,7 @@ from ..events import KEEPALIVE, Event, retry_hint
 from .base import Broker
 
 RECONNECT_HINT_MS = 1000
+LOOKS_AT_ONCE = 4  # log queries for missed ends running together (the ORM has one thread)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Subscriber:
 class Channel:
     """One task's recent events and its subscribers."""
 
-    __slots__ = ("active_at", "checked_at", "events", "flush_pending", "seeded", "seeding", "subs")
+    __slots__ = ("active_at", "checked_at", "events", "flush_pending", "looking", "seeded", "seeding", "subs")
 
     def __init__(self):
         self.events: list[Event] = []
@@ -80,6 +81,7 @@ class Channel:
         self.flush_pending = False
         self.active_at = asyncio.get_running_loop().time()  # of the last write
         self.checked_at = 0.0  # last look in the log for an end that never came live
+        self.looking = False  # such a look is in progress
         # Memory holds the log's recent events too (not only live ones), so
         # an empty list means "nothing yet", not "ask the log".
         self.seeded = False
@@ -113,12 +115,15 @@ class MemoryBroker(Broker):
         self._closing = False
         self._wake_callbacks: list[Callable[[], None]] = []
         self._ticker: asyncio.Task | None = None
+        self._looks: set[asyncio.Task] = set()
+        self._look_slots = asyncio.Semaphore(LOOKS_AT_ONCE)
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
-            self._ticker = None
+        tasks = [*self._looks, *([self._ticker] if self._ticker else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._ticker = None
 
     async def _tick(self) -> None:
         """One timer for the node, not one per stream: every half interval,
@@ -139,12 +144,23 @@ class MemoryBroker(Broker):
                                 self._fall_behind(sub)
                             else:
                                 sub.sink.write(KEEPALIVE)
-            # After every keep-alive is out, not between them: each look is a query.
-            looks = [self._look_for_a_missed_end(key, channel) for key, channel in idle]
-            outcomes = await asyncio.gather(*looks, return_exceptions=True)
-            for (key, _channel), outcome in zip(idle, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    logger.error("Looking for the end of %s failed", key, exc_info=outcome)
+            # Off the ticker: a slow or stuck query must not hold back the
+            # next round of keep-alives.
+            for key, channel in idle:
+                if not channel.looking:
+                    channel.looking = True
+                    look = asyncio.create_task(self._look(key, channel), name=f"streaming-look:{key}")
+                    self._looks.add(look)
+                    look.add_done_callback(self._looks.discard)
+
+    async def _look(self, key: str, channel: Channel) -> None:
+        try:
+            async with self._look_slots, asyncio.timeout(self._keepalive / 2):
+                await self._look_for_a_missed_end(key, channel)
+        except Exception:
+            logger.warning("Looking in the log for the end of %s failed", key, exc_info=True)
+        finally:
+            channel.looking = False
 
     # -- runner side --------------------------------------------------------
 

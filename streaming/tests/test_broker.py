@@ -639,6 +639,31 @@ class MissedEndRaceTests(BrokerTestCase):
             self.assertEqual(seqs_of(await waiting), [1, 2])
 
 
+class TickerTests(BrokerTestCase):
+    async def test_a_stuck_log_query_does_not_stop_keepalives(self):
+        self.make(keepalive=0.05)
+        other = "streaming.exampletask:2"
+        original_last = self.history.last
+        calls = {}
+
+        async def last(task_type, task_id):
+            calls[task_id] = calls.get(task_id, 0) + 1
+            if task_id == "2" and calls[task_id] > 1:  # its seed passes; every later look hangs
+                await asyncio.Event().wait()
+            return await original_last(task_type, task_id)
+
+        self.history.last = last
+        async with (
+            contextlib.aclosing(self.broker.subscribe(other, 0)) as stuck,
+            contextlib.aclosing(self.broker.subscribe(KEY, 0)) as sub,
+        ):
+            first_of_stuck = asyncio.create_task(self.next_chunk(stuck, timeout=1.0))
+            keepalives = [await self.next_chunk(sub, timeout=1.0) for _ in range(5)]
+            self.assertEqual(keepalives, [KEEPALIVE] * 5)
+            self.assertGreater(calls.get("2", 0), 1)  # its looks did hang meanwhile
+            self.assertEqual(await first_of_stuck, KEEPALIVE)
+
+
 class SeedingTests(BrokerTestCase):
     async def test_many_clients_arriving_at_once_read_the_log_once(self):
         self.make()
