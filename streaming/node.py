@@ -7,7 +7,9 @@ The ASGI app starts one node in its lifespan. Code elsewhere in the process
 import asyncio
 import logging
 
-from .broker import create_broker
+from django.db import DatabaseError, connection
+
+from .broker import create_broker, is_shared
 from .conf import get_settings
 from .eventlog import EventLog
 from .runner import Runner
@@ -70,16 +72,16 @@ def wake_runners() -> None:
     """Thread-safe: tell runners to look for work now.
 
     In a server process the broker does it (Redis: every node). In any other
-    process (create_task, shell) with a shared broker, a one-off publish does;
-    with the in-memory broker the server notices by itself (SQLite commit
-    watch, or its poll).
+    process (create_task, shell): with Redis, a one-off publish; on
+    PostgreSQL without Redis, a NOTIFY the servers LISTEN for; on SQLite the
+    server notices the commit by itself (PRAGMA data_version).
     """
     node = _current
     if node is not None:
         node.broker.wake_runners()
         return
     url = get_settings().BROKER_URL
-    if url and url.startswith(("redis://", "rediss://", "unix://")):
+    if is_shared(url):
         import redis
 
         from .broker.redis import WAKE_CHANNEL
@@ -89,6 +91,13 @@ def wake_runners() -> None:
                 client.publish(WAKE_CHANNEL, b"1")
         except redis.RedisError as exc:
             logger.warning("Could not wake the runners through Redis (%s); they poll", exc)
+    elif connection.vendor == "postgresql":
+        from .store import notify_wake
+
+        try:
+            notify_wake()
+        except DatabaseError as exc:
+            logger.warning("Could not wake the runners through PostgreSQL (%s); they poll", exc)
 
 
 def notify_row_changed(key: str) -> None:

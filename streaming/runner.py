@@ -11,6 +11,7 @@ from django.db import connection
 
 from . import store
 from .base import Recovery, Status
+from .broker import is_shared
 from .events import CANCELLED, COMPLETE, ERROR, RETRY, Event, build_payload, to_json_value
 from .registry import stream_models, task_key
 
@@ -135,6 +136,26 @@ class Runner:
             self._watch_task = asyncio.create_task(
                 self._watch_sqlite(connection.settings_dict["NAME"]), name="streaming-sqlite-watch"
             )
+        elif connection.vendor == "postgresql" and not is_shared(self.settings.BROKER_URL):
+            # (With Redis, wake-ups travel through it.)
+            self._watch_task = asyncio.create_task(self._listen_postgres(), name="streaming-pg-listen")
+
+    async def _listen_postgres(self) -> None:
+        """Wake at once when another process saves a pending row (create_task, shell, admin):
+        signals.py sends NOTIFY on commit; this connection LISTENs."""
+        import psycopg
+
+        conninfo = store.pg_conninfo()
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as listener:
+                    await listener.execute(f"LISTEN {store.PG_WAKE_CHANNEL}")
+                    self._wake.set()  # whatever was saved while nobody listened
+                    async for _notice in listener.notifies():
+                        self._wake.set()
+            except (psycopg.Error, OSError) as exc:
+                logger.warning("PostgreSQL wake-up listener lost (%s); polling meanwhile, retrying", exc)
+                await asyncio.sleep(1)
 
     async def _watch_sqlite(self, path) -> None:
         """Wake at once when another connection commits (create_task, shell, admin).

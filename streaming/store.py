@@ -23,6 +23,25 @@ from .models import TaskEvent
 SEQ_BLOCK = 1000  # sequence numbers reserved on the row at a time
 HOSTNAME = socket.gethostname()
 
+# PostgreSQL without Redis: a saved pending row NOTIFYs this channel (signals
+# -> node.wake_runners) and each runner LISTENs on it (runner.py).
+PG_WAKE_CHANNEL = "streaming_wake"
+
+
+def pg_conninfo() -> str:
+    """The default database as a libpq connection string, for a LISTEN connection of our own."""
+    from psycopg.conninfo import make_conninfo
+
+    db = connection.settings_dict
+    given = {"dbname": "NAME", "user": "USER", "password": "PASSWORD", "host": "HOST", "port": "PORT"}
+    return make_conninfo(**{key: str(db[name]) for key, name in given.items() if db.get(name)})
+
+
+def notify_wake() -> None:
+    """Wake the runners of every process on this PostgreSQL database (after commit)."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"NOTIFY {PG_WAKE_CHANNEL}")
+
 
 def new_owner_id() -> str:
     return f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

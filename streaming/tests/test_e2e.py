@@ -10,8 +10,10 @@ import sys
 import tempfile
 import threading
 import time
+import unittest
 
 import httpx
+from django.db import connection
 from django.test import TransactionTestCase
 
 from streaming.models import ContinueTask, ExampleTask
@@ -351,3 +353,18 @@ class OtherAsgiServerTests(ServerTestCase):
         self.assertEqual([e.event for e in events], ["step", "step", "step", "complete"])
         self.assertEqual([e.id for e in events], [1, 2, 3, 4])
         self.assertEqual(httpx.get(f"{self.server.url}/stream/ScriptedTask/0", timeout=5).status_code, 404)
+
+
+@unittest.skipUnless(connection.vendor == "postgresql", "PostgreSQL wake-ups: run the suite on PostgreSQL")
+class PostgresWakeTests(ServerTestCase):
+    """PostgreSQL without Redis: another process's new task wakes the server by NOTIFY."""
+
+    server_settings = {"broker_url": "memory://", "poll_interval": 60}
+
+    def test_a_task_created_by_another_process_starts_at_once(self):
+        time.sleep(0.5)  # past the server's first poll; the next is a minute away
+        created = manage("create_task", "--type", "example", broker_url="memory://")
+        self.assertEqual(created.returncode, 0, created.stderr)
+        pk = int(re.search(r"ID: (\d+)", created.stdout).group(1))
+        task = ExampleTask.objects.get(pk=pk)
+        self.wait_status(task, "running", "completed", timeout=5)
