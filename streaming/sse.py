@@ -119,7 +119,7 @@ class SocketStream(asyncio.Protocol):
         self.transport.close()  # after what is buffered has been sent...
         if self._closer is None:
             # ...unless the client stops reading: cut it off as a stalled stream is.
-            timeout = self._app.node.settings.CLIENT_SEND_TIMEOUT if self._app.node else 30.0
+            timeout = self._broker.send_timeout  # end() comes from the broker, after attach
             self._closer = asyncio.get_running_loop().call_later(timeout, self.transport.abort)
 
     def abort(self) -> None:

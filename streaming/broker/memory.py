@@ -110,7 +110,7 @@ class MemoryBroker(Broker):
         self._history_size = settings.HISTORY_SIZE
         self._keepalive = settings.KEEPALIVE_INTERVAL
         self._max_chunk = settings.MAX_CHUNK_BYTES
-        self._send_timeout = settings.CLIENT_SEND_TIMEOUT
+        self.send_timeout = settings.CLIENT_SEND_TIMEOUT
         self._channels: dict[str, Channel] = {}
         self._closing = False
         self._wake_callbacks: list[Callable[[], None]] = []
@@ -196,10 +196,10 @@ class MemoryBroker(Broker):
             if sub.task is not None or sub.closed:  # catching up by itself, or gone
                 continue
             after = sub.after
-            pieces = pieces_after.get(after, ())
-            if pieces == ():
+            if after not in pieces_after:  # computed once per cursor: all live ones share one
                 batch = self._from_memory(channel, after)
-                pieces = pieces_after[after] = None if batch is None else list(self._pieces(batch))
+                pieces_after[after] = None if batch is None else list(self._pieces(batch))
+            pieces = pieces_after[after]
             if pieces is None:  # memory no longer reaches back to it
                 self._fall_behind(sub)
                 continue
@@ -360,11 +360,11 @@ class MemoryBroker(Broker):
     async def _drained(self, sub: Subscriber) -> bool:
         """Wait for the sink to accept data again; cut off a client that reads nothing."""
         try:
-            async with asyncio.timeout(self._send_timeout):
+            async with asyncio.timeout(self.send_timeout):
                 await sub.sink.drain()
             return True
         except TimeoutError:
-            logger.info("Disconnecting a client of %s: it read nothing for %ss", sub.key, self._send_timeout)
+            logger.info("Disconnecting a client of %s: it read nothing for %ss", sub.key, self.send_timeout)
             sub.sink.abort()
             self.detach(sub)
             return False
