@@ -13,20 +13,14 @@ after the last event it printed (Last-Event-ID).
 import argparse
 import json
 import sys
-import time
+from typing import Any
 
-import httpx
-from httpx_sse import connect_sse
+from streaming.client import StreamError, stream_events
 
 RULE = "=" * 60
-TERMINAL = {"complete", "error", "cancelled"}
 
 
-class StreamError(Exception):
-    pass
-
-
-def print_event(number: int, event_type: str, data) -> None:
+def print_event(number: int, event_type: str, data: Any) -> None:
     print(f"[{number}] Event: {event_type.upper()}")
     if isinstance(data, dict):
         timestamp = data.get("_timestamp")
@@ -41,52 +35,22 @@ def print_event(number: int, event_type: str, data) -> None:
     print(flush=True)
 
 
+def reconnecting(last_id: str | None, attempt: int) -> None:
+    print(f"(connection lost; reconnecting after event {last_id or 'none'})", flush=True)
+
+
 def watch(url: str, *, max_reconnects: int) -> tuple[str | None, int]:
     """Print events until a terminal one; returns (last event type, count)."""
     count = 0
     last_type = None
-    last_id = None
-    reconnects = 0
-    timeout = httpx.Timeout(connect=10.0, read=None, write=10.0, pool=10.0)
-    with httpx.Client(timeout=timeout) as client:
-        while True:
-            headers = {"Last-Event-ID": last_id} if last_id else {}
-            try:
-                with connect_sse(client, "GET", url, headers=headers) as source:
-                    response = source.response
-                    if response.status_code == 204:  # nothing after our last event: it has ended
-                        return last_type, count
-                    if response.status_code != 200:
-                        response.read()
-                        message = response.text.strip() or response.reason_phrase
-                        raise StreamError(f"HTTP {response.status_code}: {message}")
-                    reconnects = 0
-                    for sse in source.iter_sse():
-                        if sse.id:
-                            last_id = sse.id
-                        try:
-                            data = json.loads(sse.data)
-                        except ValueError:
-                            data = sse.data
-                        count += 1
-                        last_type = sse.event
-                        print_event(count, sse.event, data)
-                        if sse.event in TERMINAL:
-                            return last_type, count
-            except httpx.ConnectError as exc:
-                if count == 0 and reconnects == 0:
-                    raise StreamError(f"cannot connect to {url} ({exc}); is the server running?") from None
-            except (httpx.ReadError, httpx.RemoteProtocolError):
-                pass
-            # The stream ended before the task did: the server restarted or dropped us.
-            reconnects += 1
-            if reconnects > max_reconnects:
-                raise StreamError(f"connection lost and {max_reconnects} reconnects failed")
-            print(f"(connection lost; reconnecting after event {last_id or 'none'})", flush=True)
-            time.sleep(min(2.0, 0.25 * reconnects))
+    for event in stream_events(url, max_reconnects=max_reconnects, on_reconnect=reconnecting):
+        count += 1
+        last_type = event.type
+        print_event(count, event.type, event.data)
+    return last_type, count
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Watch a streaming task's events.")
     parser.add_argument("model", nargs="?", help="task model, e.g. ExampleTask")
     parser.add_argument("task_id", nargs="?", help="task id")
