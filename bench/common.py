@@ -24,6 +24,7 @@ def setup_django(fresh: bool = True):
         for path in BENCH_DIR.glob("bench.sqlite3*"):
             path.unlink()
     os.environ["DATABASE_URL"] = DATABASE_URL
+    os.environ["STREAMING_TEST_APPS"] = "1"  # the benchmarks' ScriptedTask
     os.environ.pop("STREAMING_BROKER_URL", None)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     sys.path.insert(0, str(REPO))

@@ -25,9 +25,13 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "streaming",
-    "streaming.tests.testapp",
+    "streaming",  # the library
+    "demo",  # the seed's demo tasks (ExampleTask, ContinueTask) and create_task
 ]
+# The test suite's own task models: under `manage.py test`, and in the server
+# processes the tests and benchmarks start (they set STREAMING_TEST_APPS=1).
+if sys.argv[1:2] == ["test"] or os.environ.get("STREAMING_TEST_APPS") == "1":
+    INSTALLED_APPS.append("streaming.tests.testapp")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",

@@ -3,7 +3,7 @@
 from django.contrib import admin
 from django.utils.html import format_html, format_html_join
 
-from .models import ContinueTask, ExampleTask, TaskEvent
+from .models import TaskEvent
 
 TASK_FIELDS = (
     "status",
@@ -54,8 +54,3 @@ class TaskEventAdmin(admin.ModelAdmin):
     list_filter = ("task_type", "type")
     search_fields = ("task_id",)
     readonly_fields = ("task_type", "task_id", "seq", "type", "payload", "created_at")
-
-
-# The demo tasks. Your own: admin.site.register(MyTask, StreamTaskAdmin).
-admin.site.register(ExampleTask, StreamTaskAdmin)
-admin.site.register(ContinueTask, StreamTaskAdmin)

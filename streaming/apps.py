@@ -6,7 +6,10 @@ class StreamingConfig(AppConfig):
     verbose_name = "Streaming tasks"
     default_auto_field = "django.db.models.BigAutoField"
 
-    def ready(self):
-        from . import conf, signals  # noqa: F401
+    def ready(self) -> None:
+        from . import checks, conf, signals
+        from .tasks.registry import stream_models
 
         conf.get_settings()  # fail at start-up, not mid-request, on a bad STREAMING dict
+        signals.connect(stream_models())
+        checks.register()

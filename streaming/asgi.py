@@ -15,7 +15,7 @@ def get_asgi_application():
     from django.conf import settings
     from django.core.handlers.asgi import ASGIHandler
 
-    from .http import StreamingApp
+    from .web.app import StreamingApp
 
     django_app = ASGIHandler()
     if settings.DEBUG and "django.contrib.staticfiles" in settings.INSTALLED_APPS:

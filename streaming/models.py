@@ -1,20 +1,206 @@
-"""The event log, and the two demo tasks of the seed (ExampleTask, ContinueTask)."""
+"""The library's models: StreamTask (abstract, every task subclasses it) and TaskEvent (the log).
+
+Any installed task model can also be imported from here by its name, for a
+quick ``manage.py shell`` one-liner: ``from streaming.models import Report``
+finds ``myapp.models.Report`` (see ``__getattr__`` below).
+"""
 
 import asyncio
+import inspect
+from collections.abc import AsyncIterable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-from django.db import models
+from asgiref.sync import sync_to_async
+from django.db import models, transaction
 
-from .base import FINISHED_STATUSES, Recovery, Status, StreamTask
+from .conf import get_settings
+from .events import RESERVED_TYPES, validate_event_type
+from .tasks import wake
 
-__all__ = [
-    "FINISHED_STATUSES",
-    "ContinueTask",
-    "ExampleTask",
-    "Recovery",
-    "Status",
-    "StreamTask",
-    "TaskEvent",
-]
+if TYPE_CHECKING:
+    from .tasks.run import TaskRun
+
+__all__ = ["FINISHED_STATUSES", "Recovery", "Status", "StreamTask", "TaskEvent"]
+
+
+class Status(models.TextChoices):
+    CREATED = "created", "created (not started)"
+    PENDING = "pending", "pending"
+    RUNNING = "running", "running"
+    COMPLETED = "completed", "completed"
+    FAILED = "failed", "failed"
+    CANCELLED = "cancelled", "cancelled"
+
+
+FINISHED_STATUSES = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+
+
+class Recovery(models.TextChoices):
+    """What happens to a task whose server died while it ran."""
+
+    RETRY = "retry", "run process() again from the start"
+    FAIL = "fail", "end the task with an error event"
+
+
+class StreamTask(models.Model):
+    """A task is a row: create one and a streaming server runs its process().
+
+    Subclasses implement ``async def process(self)``, call
+    ``await self.send_event(type, data)`` as they go, and return the final
+    value (stored in ``final_value`` and sent with the ``complete`` event).
+    """
+
+    # Class-level options; override them on a subclass.
+    persist_events = True  # False: only the terminal event reaches the event log
+    recovery = Recovery.FAIL  # process() may have side effects: never repeat it silently
+    max_attempts = 3  # with Recovery.RETRY: runs at most this often in all
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    final_value = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    cancel_requested = models.BooleanField(default=False)
+    lease_owner = models.CharField(max_length=200, null=True, blank=True, db_index=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Event sequence numbers below this are handed out already: a task taken
+    # up again after a crash numbers its events above anything a client saw.
+    seq_reserved = models.BigIntegerField(default=0)
+
+    _stream_run: "TaskRun | None" = None  # set by the runner while process() runs
+
+    class Meta:
+        abstract = True
+
+    async def process(self) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement async def process(self)")
+
+    # -- inside process() ---------------------------------------------------
+
+    async def send_event(self, event_type: str, data: dict[str, Any] | None = None) -> int:
+        """Send one event to every watcher; returns its sequence number."""
+        validate_event_type(event_type)
+        if event_type in RESERVED_TYPES:
+            raise ValueError(
+                f"'{event_type}' is sent by the runner: return from process() to complete, raise to fail"
+            )
+        return (await self._current_run().send(event_type, data)).seq
+
+    async def send_events_from(
+        self, source: AsyncIterable[dict[str, Any]] | Iterable[dict[str, Any]], event_type: str = "progress"
+    ) -> int:
+        """Send each item of an async or sync iterable (dicts) as one event.
+
+        A sync generator runs in a worker thread, one item at a time, so a
+        blocking producer never stalls the server. Returns the count sent.
+        """
+        count = 0
+        if isinstance(source, AsyncIterable):
+            async for item in source:
+                await self.send_event(event_type, item)
+                count += 1
+            return count
+        iterator = iter(source)
+        done = object()
+        next_item = sync_to_async(next)  # the ORM thread: a generator may query
+        while (item := await next_item(iterator, done)) is not done:
+            await self.send_event(event_type, item)  # type: ignore[arg-type]
+            count += 1
+        return count
+
+    async def wait_until(
+        self,
+        predicate: Callable[[Any], Any],
+        *,
+        fields: list[str] | None = None,
+        poll_interval: float | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Wait until ``predicate(self)`` is true, re-reading the row meanwhile.
+
+        Re-reads ``fields`` (all fields if None) every ``poll_interval``
+        seconds (STREAMING["WAIT_POLL_INTERVAL"] by default), and at once when
+        this process saves the row. Raises TimeoutError after ``timeout``
+        seconds (None: wait as long as it takes).
+        """
+        interval = poll_interval or get_settings().WAIT_POLL_INTERVAL
+        run = self._stream_run
+        async with asyncio.timeout(timeout):
+            while True:
+                await self.arefresh_from_db(fields=fields)
+                result = predicate(self)
+                if inspect.isawaitable(result):
+                    result = await result
+                if result:
+                    return result
+                if run is not None:
+                    await run.wait_for_row_change(interval)
+                else:
+                    await asyncio.sleep(interval)
+
+    def _current_run(self) -> "TaskRun":
+        run = self._stream_run
+        if run is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.send_event() works only while a streaming server runs the "
+                "task (manage.py runserver_stream), or under streaming.testing.run_task() in tests"
+            )
+        return run
+
+    # -- control, from anywhere --------------------------------------------
+
+    def start(self) -> bool:
+        """Queue a task created with status 'created'; False if it was not 'created'."""
+        started = type(self).objects.filter(pk=self.pk, status=Status.CREATED).update(status=Status.PENDING)
+        if started:
+            self.status = Status.PENDING
+            transaction.on_commit(wake.wake_runners)
+        return bool(started)
+
+    async def astart(self) -> bool:
+        return await sync_to_async(self.start)()
+
+    def cancel(self) -> str:
+        """Cancel: a pending task ends at once, a running one is stopped by its runner.
+
+        Returns the task's status after asking. A task not yet taken by a
+        runner is queued so that a runner ends it as cancelled without
+        running it: the runner alone finishes tasks, so every terminal event
+        goes out to live watchers.
+        """
+        model = type(self)
+        with transaction.atomic():
+            model.objects.filter(pk=self.pk, status=Status.CREATED).update(status=Status.PENDING)
+            model.objects.filter(pk=self.pk, status__in=[Status.PENDING, Status.RUNNING]).update(
+                cancel_requested=True
+            )
+            status = model.objects.filter(pk=self.pk).values_list("status", flat=True).first()
+        if status is None:
+            raise model.DoesNotExist(f"{model.__name__} {self.pk} does not exist")
+        self.status = status
+        if status not in FINISHED_STATUSES:
+            self.cancel_requested = True
+            transaction.on_commit(wake.wake_runners)
+        return status
+
+    async def acancel(self) -> str:
+        return await sync_to_async(self.cancel)()
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+    @classmethod
+    def stream_name(cls) -> str:
+        return cls.__name__
+
+    def get_stream_path(self) -> str:
+        return f"/stream/{self.stream_name()}/{self.pk}"
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__} {self.pk} ({self.status})"
 
 
 class TaskEvent(models.Model):
@@ -33,58 +219,23 @@ class TaskEvent(models.Model):
         ]
         ordering = ["task_type", "task_id", "seq"]
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.task_type}:{self.task_id} #{self.seq} {self.type}"
 
 
-class ExampleTask(StreamTask):
-    """The seed's demo: start, three progress steps ``step_delay`` s apart, complete."""
+def __getattr__(name: str) -> Any:
+    """``from streaming.models import Report``: any installed task model, by its name.
 
-    recovery = Recovery.RETRY  # idempotent: running it again is harmless
+    A convenience for shells and scripts (the demo's ContinueTask one-liner
+    uses it); in code, import the model from its own app.
+    """
+    from django.apps import apps
 
-    message = models.CharField(max_length=500, default="Task created via management command")
-    total_steps = models.PositiveIntegerField(default=3)
-    step_delay = models.FloatField(default=2.0)
-
-    async def process(self):
-        await self.send_event("start", {"message": self.message, "total_steps": self.total_steps})
-        for step in range(1, self.total_steps + 1):
-            await asyncio.sleep(self.step_delay)
-            await self.send_event(
-                "progress",
-                {
-                    "step": step,
-                    "total_steps": self.total_steps,
-                    "message": f"Step {step} of {self.total_steps}",
-                    "data": f"Processing step {step}...",
-                },
-            )
-        return {"message": "Task completed successfully", "total_steps": self.total_steps}
-
-
-class ContinueTask(StreamTask):
-    """The seed's DB-driven task: waits until someone sets ``continue_field``."""
-
-    recovery = Recovery.RETRY  # waiting again is harmless
-
-    message = models.CharField(max_length=500, default="Waiting for signal...")
-    continue_field = models.BooleanField(default=False)
-    # None: wait as long as it takes (a person may need minutes to open a shell).
-    wait_timeout = models.FloatField(null=True, blank=True)
-    poll_interval = models.FloatField(default=0.5)
-
-    async def process(self):
-        await self.send_event("started", {"message": self.message, "continue": self.continue_field})
-        try:
-            await self.wait_until(
-                lambda task: task.continue_field,
-                fields=["continue_field"],
-                poll_interval=self.poll_interval,
-                timeout=self.wait_timeout,
-            )
-        except TimeoutError:
-            raise TimeoutError(f"continue_field was not set within {self.wait_timeout:g} s") from None
-        await self.send_event(
-            "final", {"message": "Continue signal received", "continue": self.continue_field}
-        )
-        return {"message": "Task completed successfully"}
+    if name.startswith("_") or not apps.models_ready:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    for model in apps.get_models():
+        if issubclass(model, StreamTask) and model.__name__ == name:
+            return model
+    raise AttributeError(
+        f"module {__name__!r} has no attribute {name!r} (no installed task model of that name)"
+    )

@@ -1,18 +1,21 @@
-"""A node: one server process's event log writer, broker and runner, together.
+"""A node: one server process's parts, built and started together (the composition root).
+
+    event log writer  <- runner -> hub <-> transport (in-process, or Redis)
 
 The ASGI app starts one node in its lifespan. Code elsewhere in the process
-(signals, model methods) reaches it through the functions at the bottom.
+(signals, model methods) reaches it only through ``tasks.wake``.
 """
 
 import asyncio
 import logging
 
-from django.db import DatabaseError, connection
-
-from .broker import create_broker, is_shared
-from .conf import get_settings
-from .eventlog import EventLog
-from .runner import Runner
+from .conf import StreamingSettings, get_settings
+from .fanout.hub import Hub
+from .keys import TaskKey
+from .tasks import wake
+from .tasks.eventlog import EventLog
+from .tasks.runner import Runner
+from .transports import create_transport
 
 logger = logging.getLogger(__name__)
 
@@ -20,23 +23,30 @@ _current: "Node | None" = None
 
 
 class Node:
-    def __init__(self, settings=None, *, run_tasks: bool | None = None):
+    def __init__(self, settings: StreamingSettings | None = None, *, run_tasks: bool | None = None):
         self.settings = settings or get_settings()
         self.eventlog = EventLog(self.settings.EVENT_FLUSH_INTERVAL, self.settings.EVENT_BATCH_SIZE)
-        self.broker = create_broker(self.settings.BROKER_URL, history=self.eventlog, settings=self.settings)
+        self.transport = create_transport(self.settings.BROKER_URL, self.settings)
+        self.hub = Hub(
+            transport=self.transport, history=self.transport.history(self.eventlog), settings=self.settings
+        )
         run = self.settings.RUN_TASKS if run_tasks is None else run_tasks
         self.runner = (
-            Runner(broker=self.broker, eventlog=self.eventlog, settings=self.settings) if run else None
+            Runner(hub=self.hub, transport=self.transport, eventlog=self.eventlog, settings=self.settings)
+            if run
+            else None
         )
+        self.transport.bind(self.hub, on_wake=self._wake_local_runner)
         self._stopped: asyncio.Future | None = None
 
     async def start(self) -> None:
         global _current
-        await self.broker.start()
+        await self.transport.start()
         self.eventlog.start()
         if self.runner:
             self.runner.start()
         _current = self
+        wake.install(self)
         logger.info("Streaming node started (%s)", self.runner.owner if self.runner else "streams only")
 
     async def stop(self) -> None:
@@ -49,59 +59,35 @@ class Node:
             if self.runner:
                 await self.runner.stop(self.settings.SHUTDOWN_GRACE)
             await self.eventlog.stop()
-            self.broker.close_subscriptions()
-            await self.broker.stop()
+            self.hub.close_subscriptions()
+            await self.hub.stop()
+            await self.transport.stop()
         finally:
+            wake.uninstall(self)
             if _current is self:
                 _current = None
             self._stopped.set_result(None)
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> "Node":
         await self.start()
         return self
 
-    async def __aexit__(self, *exc):
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    # -- wake.LocalHooks (thread-safe) ---------------------------------------------
+
+    def wake_all(self) -> None:
+        self.transport.wake_all()
+
+    def row_changed(self, key: TaskKey) -> None:
+        if self.runner is not None:
+            self.runner.row_changed_threadsafe(key)
+
+    def _wake_local_runner(self) -> None:
+        if self.runner is not None:
+            self.runner.wake_threadsafe()
 
 
 def current_node() -> Node | None:
     return _current
-
-
-def wake_runners() -> None:
-    """Thread-safe: tell runners to look for work now.
-
-    In a server process the broker does it (Redis: every node). In any other
-    process (create_task, shell): with Redis, a one-off publish; on
-    PostgreSQL without Redis, a NOTIFY the servers LISTEN for; on SQLite the
-    server notices the commit by itself (PRAGMA data_version).
-    """
-    node = _current
-    if node is not None:
-        node.broker.wake_runners()
-        return
-    url = get_settings().BROKER_URL
-    if is_shared(url):
-        import redis
-
-        from .broker.redis import WAKE_CHANNEL
-
-        try:
-            with redis.Redis.from_url(url, socket_timeout=2) as client:
-                client.publish(WAKE_CHANNEL, b"1")
-        except redis.RedisError as exc:
-            logger.warning("Could not wake the runners through Redis (%s); they poll", exc)
-    elif connection.vendor == "postgresql":
-        from .store import notify_wake
-
-        try:
-            notify_wake()
-        except DatabaseError as exc:
-            logger.warning("Could not wake the runners through PostgreSQL (%s); they poll", exc)
-
-
-def notify_row_changed(key: str) -> None:
-    """Thread-safe: a task row was saved in this process (wakes its wait_until)."""
-    node = _current
-    if node is not None and node.runner is not None:
-        node.runner.row_changed_threadsafe(key)

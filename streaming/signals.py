@@ -1,34 +1,39 @@
-"""Model signals: wake the runner on new work, drop a task's events with it."""
+"""Model signals, connected per task model (apps.py): wake the runners, drop a task's events.
+
+Connected with a sender, never for every model: a ``post_delete`` receiver
+without one would turn off Django's fast delete for the whole project.
+"""
 
 from django.core.signals import setting_changed
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
-from django.dispatch import receiver
 
-from . import conf, registry
-from .base import Status, StreamTask
-from .node import notify_row_changed, wake_runners
+from . import conf
+from .keys import TaskKey
+from .models import Status, StreamTask
+from .tasks import store, wake
 
 
-@receiver(post_save)
-def _task_saved(sender, instance, created, **kwargs):
-    if not isinstance(instance, StreamTask):
-        return
-    key = registry.task_key(sender, instance.pk)
-    transaction.on_commit(lambda: notify_row_changed(key))
+def _task_saved(sender: type[StreamTask], instance: StreamTask, created: bool, **kwargs: object) -> None:
+    key = TaskKey.of(sender, instance.pk)
+    transaction.on_commit(lambda: wake.row_changed(key))
     if instance.status == Status.PENDING:
-        transaction.on_commit(wake_runners)
+        transaction.on_commit(wake.wake_runners)
 
 
-@receiver(post_delete)
-def _task_deleted(sender, instance, **kwargs):
-    if isinstance(instance, StreamTask):
-        from .store import delete_events
-
-        delete_events(sender._meta.label_lower, [instance.pk])
+def _task_deleted(sender: type[StreamTask], instance: StreamTask, **kwargs: object) -> None:
+    store.delete_events(sender, [instance.pk])
 
 
-@receiver(setting_changed)
-def _settings_changed(setting, **kwargs):
+def _settings_changed(setting: str, **kwargs: object) -> None:
     if setting == "STREAMING":
         conf.reset_settings_cache()
+
+
+def connect(models: "tuple[type[StreamTask], ...]") -> None:
+    for model in models:
+        post_save.connect(_task_saved, sender=model, dispatch_uid=f"streaming-saved:{model._meta.label}")
+        post_delete.connect(
+            _task_deleted, sender=model, dispatch_uid=f"streaming-deleted:{model._meta.label}"
+        )
+    setting_changed.connect(_settings_changed, dispatch_uid="streaming-settings")

@@ -12,7 +12,7 @@ class StreamingTestRunner(DiscoverRunner):
         if url and url.startswith(("redis://", "rediss://", "unix://")):
             import redis
 
-            from streaming.broker.redis import STREAM_PREFIX
+            from streaming.transports.redis import STREAM_PREFIX
 
             # The test database starts empty, so task ids start over: streams
             # of an earlier run would otherwise hold events under the same keys.

@@ -60,6 +60,7 @@ def subprocess_env(**streaming) -> dict:
     env = dict(os.environ)
     env["DATABASE_URL"] = database_url()
     env["PYTHONUNBUFFERED"] = "1"
+    env["STREAMING_TEST_APPS"] = "1"
     for name, value in streaming.items():
         env[f"STREAMING_{name.upper()}"] = str(value)
     return env

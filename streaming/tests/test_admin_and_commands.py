@@ -8,18 +8,15 @@ from django.core.management import CommandError, call_command
 from django.test import TestCase
 from django.utils import timezone
 
+from demo.models import ExampleTask
 from streaming.events import Event
-from streaming.models import ExampleTask, TaskEvent
-from streaming.store import write_events
+from streaming.keys import TaskKey
+from streaming.models import TaskEvent
+from streaming.tasks.store import write_events
 
 
 def log(task, *types):
-    write_events(
-        [
-            (task._meta.label_lower, str(task.pk), Event(seq, t, f'{{"n": {seq}}}'))
-            for seq, t in enumerate(types, 1)
-        ]
-    )
+    write_events([(TaskKey.of(task), Event(seq, t, f'{{"n": {seq}}}')) for seq, t in enumerate(types, 1)])
 
 
 class AdminTests(TestCase):
@@ -29,14 +26,14 @@ class AdminTests(TestCase):
 
     def test_task_list_shows_status(self):
         ExampleTask.objects.create(status="completed")
-        response = self.client.get("/admin/streaming/exampletask/")
+        response = self.client.get("/admin/demo/exampletask/")
         self.assertEqual(response.status_code, 200)
         self.assertContains(response, "completed")
 
     def test_task_page_shows_its_event_history(self):
         task = ExampleTask.objects.create(status="completed")
         log(task, "start", "progress", "complete")
-        response = self.client.get(f"/admin/streaming/exampletask/{task.pk}/change/")
+        response = self.client.get(f"/admin/demo/exampletask/{task.pk}/change/")
         self.assertEqual(response.status_code, 200)
         self.assertContains(response, "streaming-events")
         for event_type in ("start", "progress", "complete"):
@@ -46,7 +43,7 @@ class AdminTests(TestCase):
     def test_cancel_action_requests_cancellation(self):
         task = ExampleTask.objects.create(status="running")
         response = self.client.post(
-            "/admin/streaming/exampletask/",
+            "/admin/demo/exampletask/",
             {"action": "cancel_selected", "_selected_action": [task.pk]},
             follow=True,
         )

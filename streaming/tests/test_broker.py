@@ -1,4 +1,4 @@
-"""Unit tests of the in-process MemoryBroker, with a fake event log and no database."""
+"""Unit tests of the local fanout hub (in-process transport), with a fake event log and no database."""
 
 import asyncio
 import contextlib
@@ -8,12 +8,13 @@ import time
 import unittest
 from bisect import bisect_right
 
-from streaming.broker.memory import RECONNECT_HINT_MS, MemoryBroker
 from streaming.conf import StreamingSettings
 from streaming.events import KEEPALIVE, Event, retry_hint
+from streaming.fanout.hub import RECONNECT_HINT_MS, Hub
+from streaming.keys import TaskKey
+from streaming.transports.local import LocalTransport
 
-KEY = "streaming.exampletask:1"
-TASK_TYPE, TASK_ID = "streaming.exampletask", "1"
+KEY = TaskKey("demo.exampletask", "1")
 WAIT = 2.0  # the bound on any single wait in these tests
 
 
@@ -38,38 +39,40 @@ class FakeHistory:
     """The event log over a plain dict: key -> events sorted by seq."""
 
     def __init__(self):
-        self.events: dict[str, list[Event]] = {}
-        self.reads: list[tuple[str, str, int, int]] = []
-        self.lasts: list[tuple[str, str]] = []
+        self.events: dict[TaskKey, list[Event]] = {}
+        self.reads: list[tuple[TaskKey, int, int]] = []
+        self.lasts: list[TaskKey] = []
 
-    def add(self, key: str, *events: Event) -> None:
+    def add(self, key: TaskKey, *events: Event) -> None:
         stored = self.events.setdefault(key, [])
         for event in events:
             if stored and stored[-1].seq >= event.seq:
                 raise AssertionError(f"history of {key}: seq {event.seq} after {stored[-1].seq}")
             stored.append(event)
 
-    async def read(self, task_type, task_id, after, limit):
-        self.reads.append((task_type, task_id, after, limit))
+    async def read(self, key, after, limit):
+        self.reads.append((key, after, limit))
         await asyncio.sleep(0)  # a database read yields to the loop (and lets timeouts fire)
-        stored = self.events.get(f"{task_type}:{task_id}", [])
+        stored = self.events.get(key, [])
         start = bisect_right(stored, after, key=lambda e: e.seq)
         return stored[start : start + limit]
 
-    async def last(self, task_type, task_id):
-        self.lasts.append((task_type, task_id))
+    async def last(self, key):
+        self.lasts.append(key)
         await asyncio.sleep(0)
-        stored = self.events.get(f"{task_type}:{task_id}", [])
+        stored = self.events.get(key, [])
         return stored[-1] if stored else None
 
 
 class BrokerTestCase(unittest.IsolatedAsyncioTestCase):
-    def make(self, **settings) -> MemoryBroker:
+    def make(self, **settings) -> Hub:
         self.history = FakeHistory()
-        self.broker = MemoryBroker(history=self.history, settings=make_settings(**settings))
+        self.transport = LocalTransport()
+        self.broker = Hub(transport=self.transport, history=self.history, settings=make_settings(**settings))
+        self.transport.bind(self.broker, on_wake=lambda: None)
         return self.broker
 
-    async def publish(self, *events: Event, key: str = KEY, persist: bool = True) -> None:
+    async def publish(self, *events: Event, key: TaskKey = KEY, persist: bool = True) -> None:
         """As the runner does: publish, and (when persisted) the event is in the log."""
         for event in events:
             await self.broker.publish(key, event)
@@ -178,7 +181,7 @@ class HistoryTests(BrokerTestCase):
         self.finished_task()
         chunks = await self.read_to_end(self.broker.subscribe(KEY, None))
         self.assertEqual(chunks, [ev(7, "complete").sse])
-        self.assertEqual(self.history.lasts, [(TASK_TYPE, TASK_ID)])
+        self.assertEqual(self.history.lasts, [KEY])
         self.assertNotIn(KEY, self.broker._channels)
 
     async def test_finished_task_after_zero_gives_all(self):
@@ -186,8 +189,8 @@ class HistoryTests(BrokerTestCase):
         chunks = await self.read_to_end(self.broker.subscribe(KEY, 0))
         self.assertEqual(b"".join(chunks), b"".join(e.sse for e in self.history.events[KEY]))
         self.assertTrue(self.history.reads)
-        for task_type, task_id, _after, limit in self.history.reads:
-            self.assertEqual((task_type, task_id, limit), (TASK_TYPE, TASK_ID, 1000))
+        for key, _after, limit in self.history.reads:
+            self.assertEqual((key, limit), (KEY, 1000))
         self.assertNotIn(KEY, self.broker._channels)
 
     async def test_finished_task_after_n(self):
@@ -202,8 +205,8 @@ class HistoryTests(BrokerTestCase):
         self.assertEqual([s for c in chunks for s in seqs_of(c)], list(range(1, 11)))
         # One read seeds memory with the latest HISTORY_SIZE events (after 7),
         # then the client pages through the older ones; 8.. come from memory.
-        self.assertEqual([r[2] for r in self.history.reads], [7, 0, 3, 6])
-        self.assertTrue(all(r[3] == 3 for r in self.history.reads))
+        self.assertEqual([r[1] for r in self.history.reads], [7, 0, 3, 6])
+        self.assertTrue(all(r[2] == 3 for r in self.history.reads))
 
     async def test_running_task_in_history_only_after_none(self):
         self.make()
@@ -421,7 +424,7 @@ class KeepaliveAndCloseTests(BrokerTestCase):
 
     async def test_close_subscriptions_ends_open_ones_with_retry_hint(self):
         self.make()
-        other = "streaming.exampletask:2"
+        other = TaskKey("demo.exampletask", "2")
         await self.publish(ev(1), key=other)
         subs = [
             self.broker.subscribe(KEY, 0),
@@ -501,7 +504,7 @@ class ChannelLifetimeTests(BrokerTestCase):
     async def test_memory_does_not_grow_with_finished_tasks(self):
         self.make(history_size=5)
         for task in range(200):
-            key = f"streaming.exampletask:{task}"
+            key = TaskKey("demo.exampletask", str(task))
             sub = self.broker.subscribe(key, 0)
             reader = asyncio.create_task(self.read_to_end(sub))
             await asyncio.sleep(0)
@@ -555,16 +558,13 @@ class PublishTests(BrokerTestCase):
 
 
 class WakeTests(BrokerTestCase):
-    async def test_wake_runners_calls_callbacks(self):
+    async def test_the_local_transport_wakes_the_bound_callback(self):
         self.make()
-        self.broker.wake_runners()  # nothing registered: no error
         calls = []
-        self.broker.on_wake(lambda: calls.append("a"))
-        self.broker.on_wake(lambda: calls.append("b"))
-        self.broker.wake_runners()
-        self.assertEqual(calls, ["a", "b"])
-        self.broker.wake_runners()
-        self.assertEqual(calls, ["a", "b", "a", "b"])
+        self.transport.bind(self.broker, on_wake=lambda: calls.append("woken"))
+        self.transport.wake_all()
+        await self.transport.wake()
+        self.assertEqual(calls, ["woken", "woken"])
 
 
 class MemoryFillsDuringLogReadTests(BrokerTestCase):
@@ -642,15 +642,15 @@ class MissedEndRaceTests(BrokerTestCase):
 class TickerTests(BrokerTestCase):
     async def test_a_stuck_log_query_does_not_stop_keepalives(self):
         self.make(keepalive=0.05)
-        other = "streaming.exampletask:2"
+        other = TaskKey("demo.exampletask", "2")
         original_last = self.history.last
         calls = {}
 
-        async def last(task_type, task_id):
-            calls[task_id] = calls.get(task_id, 0) + 1
-            if task_id == "2" and calls[task_id] > 1:  # its seed passes; every later look hangs
+        async def last(key):
+            calls[key.pk] = calls.get(key.pk, 0) + 1
+            if key.pk == "2" and calls[key.pk] > 1:  # its seed passes; every later look hangs
                 await asyncio.Event().wait()
-            return await original_last(task_type, task_id)
+            return await original_last(key)
 
         self.history.last = last
         async with (

@@ -22,6 +22,7 @@ from django.db import connection
 from django.test import TransactionTestCase
 
 from streaming.conf import get_settings
+from streaming.keys import TaskKey
 from streaming.tests.testapp.models import ScriptedTask
 
 from .support import ServerProcess, read_stream, wait_for
@@ -230,24 +231,34 @@ class WorkersTests(DistributedTestCase):
         self.assertEqual(len(owners), 2, "two worker processes, each its own node")
 
 
-class RedisBrokerTests(DistributedTestCase):
-    """The Redis broker on its own, against the real Redis."""
+def redis_hub(settings, log):
+    """A node's hub on the Redis transport, without a runner."""
+    from streaming.fanout.hub import Hub
+    from streaming.transports.redis import RedisTransport
+
+    transport = RedisTransport(settings.BROKER_URL, settings=settings)
+    hub = Hub(transport=transport, history=transport.history(log), settings=settings)
+    transport.bind(hub, on_wake=lambda: None)
+    return hub, transport
+
+
+class RedisTransportTests(DistributedTestCase):
+    """The Redis transport under a hub, against the real Redis."""
 
     nodes = 0
 
     def test_clients_leaving_while_their_watch_starts_leave_nothing_behind(self):
         from asgiref.sync import async_to_sync
 
-        from streaming.broker.redis import RedisBroker
-        from streaming.eventlog import EventLog
+        from streaming.tasks.eventlog import EventLog
 
         settings = get_settings()
 
         async def scenario():
-            broker = RedisBroker(settings.BROKER_URL, history=EventLog(0.05, 500), settings=settings)
-            await broker.start()
+            broker, transport = redis_hub(settings, EventLog(0.05, 500))
+            await transport.start()
             try:
-                key = "testapp.scriptedtask:987654321"
+                key = TaskKey("testapp.scriptedtask", "987654321")
                 for _ in range(50):
                     subscription = broker.subscribe(key, 0)
                     pending = asyncio.ensure_future(subscription.__anext__())
@@ -255,12 +266,18 @@ class RedisBrokerTests(DistributedTestCase):
                     pending.cancel()
                     await asyncio.gather(pending, return_exceptions=True)
                     await subscription.aclose()
-                return dict(broker._watched), dict(broker._cursors), dict(broker._channels)
+                return (
+                    set(transport._watched),
+                    dict(transport._cursors),
+                    dict(broker._watchers),
+                    dict(broker._channels),
+                )
             finally:
                 await broker.stop()
+                await transport.stop()
 
-        watched, cursors, channels = async_to_sync(scenario)()
-        self.assertEqual((watched, cursors, channels), ({}, {}, {}))
+        watched, cursors, watchers, channels = async_to_sync(scenario)()
+        self.assertEqual((watched, cursors, watchers, channels), (set(), {}, {}, {}))
 
     def test_a_node_whose_run_moved_elsewhere_serves_what_the_other_node_sent(self):
         # Node A ran the task (events 1..5, in its memory), lost the lease without
@@ -269,24 +286,24 @@ class RedisBrokerTests(DistributedTestCase):
         import redis.asyncio as aioredis
         from asgiref.sync import async_to_sync
 
-        from streaming.broker.redis import RedisBroker, stream_name
+        from streaming.transports.redis import stream_name
 
         from .test_broker import FakeHistory, ev, seqs_of
 
         settings = get_settings()
-        key = "testapp.scriptedtask:987654322"
+        key = TaskKey("testapp.scriptedtask", "987654322")
 
         async def scenario():
             log = FakeHistory()
-            node_a = RedisBroker(settings.BROKER_URL, history=log, settings=settings)
+            node_a, transport_a = redis_hub(settings, log)
             other = aioredis.Redis.from_url(settings.BROKER_URL)
-            await node_a.start()
+            await transport_a.start()
             try:
                 await other.delete(stream_name(key))
                 for i in range(1, 6):
                     await node_a.publish(key, ev(i))
                     log.add(key, ev(i))
-                await node_a.flush()
+                await transport_a.flush()
                 node_a.run_stopped(key)  # the lease is lost: no end from A
                 for i in range(6, 11):
                     await other.xadd(stream_name(key), {"t": "progress", "p": ev(i).payload}, id=f"{i}-0")
@@ -304,5 +321,6 @@ class RedisBrokerTests(DistributedTestCase):
                 await other.delete(stream_name(key))
                 await other.aclose()
                 await node_a.stop()
+                await transport_a.stop()
 
         self.assertEqual(async_to_sync(scenario)(), list(range(4, 12)))

@@ -16,7 +16,7 @@ import httpx
 from django.db import connection
 from django.test import TransactionTestCase
 
-from streaming.models import ContinueTask, ExampleTask
+from demo.models import ContinueTask, ExampleTask
 from streaming.tests.testapp.models import FragileTask, ScriptedTask
 
 from .servercase import ServerTestCase
@@ -322,11 +322,19 @@ class StreamClientTests(TransactionTestCase):
             client = self.start_client(server, task)
             first = client.stdout.readline()
             self.assertEqual(first, "=" * 60 + "\n")
+            # The client is connected once it has printed an event (killing the
+            # server before that is the "cannot connect" case, not a resume).
+            printed = []
+            while "Event:" not in "".join(printed):
+                line = client.stdout.readline()
+                self.assertTrue(line, "the client ended before printing an event")
+                printed.append(line)
             wait_for(lambda: len(read_stream(f"{server.url}{task.get_stream_path()}?history=all",
                                              limit=5)) >= 5, message="five events")  # fmt: skip
             server.kill9()
             server = ServerProcess(port=server.port).start()
             out, err = client.communicate(timeout=60)
+            out = "".join(printed) + out
         finally:
             server.stop()
             if client:

@@ -11,11 +11,13 @@ from django.test import SimpleTestCase
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streaming.broker.memory import MemoryBroker
 from streaming.conf import StreamingSettings
 from streaming.events import KEEPALIVE, TERMINAL_TYPES, Event, build_payload
+from streaming.fanout.hub import Hub
+from streaming.keys import TaskKey
+from streaming.transports.local import LocalTransport
 
-KEY = "streaming.exampletask:1"
+KEY = TaskKey("demo.exampletask", "1")
 STAMP = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 NON_TERMINAL = ["progress", "log", "retry", "step.done", "a.b:c-d_1"]
 
@@ -35,14 +37,14 @@ class FakeHistory:
         for _ in range(self.switches):
             await asyncio.sleep(0)
 
-    async def read(self, task_type, task_id, after, limit):
-        assert f"{task_type}:{task_id}" == KEY
+    async def read(self, key, after, limit):
+        assert key == KEY
         await self._yield()
         start = bisect_right(self.events, after, key=lambda e: e.seq)
         return self.events[start : start + limit]
 
-    async def last(self, task_type, task_id):
-        assert f"{task_type}:{task_id}" == KEY
+    async def last(self, key):
+        assert key == KEY
         await self._yield()
         return self.events[-1] if self.events else None
 
@@ -88,7 +90,8 @@ def scenarios(draw):
 async def run_scenario(scenario) -> tuple[list[int], int, dict]:
     events: list[Event] = scenario["events"]
     history = FakeHistory(scenario["switches"])
-    broker = MemoryBroker(
+    broker = Hub(
+        transport=LocalTransport(),
         history=history,
         settings=dataclasses.replace(
             StreamingSettings(),

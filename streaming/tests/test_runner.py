@@ -19,11 +19,12 @@ from django.db import connections
 from django.test import TransactionTestCase
 from django.utils import timezone
 
-from streaming import store
+from demo.models import ContinueTask
 from streaming.events import RESERVED_TYPES, Event, build_payload
-from streaming.models import ContinueTask, TaskEvent
+from streaming.keys import TaskKey
+from streaming.models import TaskEvent
 from streaming.node import Node, current_node
-from streaming.registry import task_key
+from streaming.tasks import store
 from streaming.tests.support import eventually, node_settings, parse_sse
 from streaming.tests.testapp.models import EphemeralTask, FragileTask, GeneratorTask, ScriptedTask
 
@@ -72,10 +73,10 @@ async def wait_logged(task, predicate, *, timeout=5.0, message="logged events"):
 
 
 async def read_subscription(node, key, after, *, timeout=5.0):
-    """Everything node.broker.subscribe(key, after) yields, parsed, up to its end."""
+    """Everything node.hub.subscribe(key, after) yields, parsed, up to its end."""
     chunks = []
     async with asyncio.timeout(timeout):
-        async for chunk in node.broker.subscribe(key, after):
+        async for chunk in node.hub.subscribe(key, after):
             chunks.append(chunk)
     return parse_sse(b"".join(chunks).decode())
 
@@ -95,8 +96,7 @@ def make_orphan(model, owner, *, expires_in, attempts=1, logged_steps=2, **field
     store.write_events(
         [
             (
-                model._meta.label_lower,
-                str(task.pk),
+                TaskKey.of(task),
                 Event(
                     seq,
                     "step",
@@ -126,7 +126,7 @@ class CompletionTests(RunnerTestCase):
         result = {"answer": 42, "items": [1, "two", None], "nested": {"ok": True}}
         async with Node(node_settings()) as node:
             task = await ScriptedTask.objects.acreate(steps=3, result=result)
-            key = task_key(ScriptedTask, task.pk)
+            key = TaskKey.of(ScriptedTask, task.pk)
             await wait_status(task, "completed")
             await eventually(lambda: key not in node.runner.runs, message="the run to end")
             replayed = await read_subscription(node, key, 0)
@@ -244,7 +244,7 @@ class CancellationTests(RunnerTestCase):
     async def test_cancel_stops_a_running_task(self):
         async with Node(node_settings()) as node:
             task = await ScriptedTask.objects.acreate(steps=200, delay=0.02)
-            key = task_key(ScriptedTask, task.pk)
+            key = TaskKey.of(ScriptedTask, task.pk)
             await wait_logged(task, lambda ev: len(ev) >= 2, message="two steps")
             run = node.runner.runs[key]
 
@@ -272,7 +272,7 @@ class CancellationTests(RunnerTestCase):
     async def test_cancel_of_created_or_pending_task_never_runs_it(self):
         created = await ScriptedTask.objects.acreate(status="created", steps=3)
         pending = await ScriptedTask.objects.acreate(steps=3)
-        self.assertEqual(await sync_to_async(store.cancel_task)(created), "pending")
+        self.assertEqual(await created.acancel(), "pending")
         self.assertEqual(await pending.acancel(), "pending")
 
         async with Node(node_settings()):
@@ -315,17 +315,17 @@ class CancellationTests(RunnerTestCase):
     async def _cancel_while_the_result_is_written(self):
         async with Node(node_settings(LEASE_SECONDS=0.5)) as node:
             task = await ScriptedTask.objects.acreate(status="created", steps=1, result={"ok": True})
-            key = task_key(ScriptedTask, task.pk)
+            key = TaskKey.of(ScriptedTask, task.pk)
             seen = []
 
             async def watch():
-                async for chunk in node.broker.subscribe(key, 0):
+                async for chunk in node.hub.subscribe(key, 0):
                     seen.extend(parse_sse(chunk.decode()))
 
             watcher = asyncio.create_task(watch())
             # Subscribed and parked on the channel's signal before the task starts.
             await eventually(
-                lambda: key in node.broker._channels and any(s.live for s in node.broker._channels[key].subs),
+                lambda: key in node.hub._channels and any(s.live for s in node.hub._channels[key].subs),
                 message="the watcher to wait",
             )
             async with node.eventlog._lock:
@@ -365,7 +365,7 @@ class WaitUntilTests(RunnerTestCase):
             await wait_logged(task, lambda ev: len(ev) >= 1, message="the started event")
             await task.arefresh_from_db()
             self.assertEqual(task.status, "running")
-            self.assertIn(task_key(ContinueTask, task.pk), node.runner.runs)
+            self.assertIn(TaskKey.of(ContinueTask, task.pk), node.runner.runs)
 
             await ContinueTask.objects.filter(pk=task.pk).aupdate(continue_field=True)
             await wait_status(task, "completed")
@@ -491,7 +491,7 @@ class SendEventTests(RunnerTestCase):
     async def test_ephemeral_task_logs_only_its_terminal_event(self):
         async with Node(node_settings()) as node:
             task = await EphemeralTask.objects.acreate(status="created", steps=3, result={"done": 1})
-            key = task_key(EphemeralTask, task.pk)
+            key = TaskKey.of(EphemeralTask, task.pk)
             live = asyncio.create_task(read_subscription(node, key, 0))
             await asyncio.sleep(0)  # subscribed before the task starts
             await task.astart()
@@ -531,7 +531,7 @@ class RecoveryTests(RunnerTestCase):
         task = await sync_to_async(make_orphan)(FragileTask, DEAD_OWNER, expires_in=60, steps=2)
         async with Node(node_settings()) as node:
             await wait_status(task, "failed")
-            replayed = await read_subscription(node, task_key(FragileTask, task.pk), 0)
+            replayed = await read_subscription(node, TaskKey.of(FragileTask, task.pk), 0)
 
         self.assert_finished_row(task, "failed")
         self.assertEqual(task.attempts, 1)  # not run again
@@ -580,7 +580,7 @@ class RecoveryTests(RunnerTestCase):
     async def test_lost_lease_stops_the_task_without_a_terminal_event(self):
         async with Node(node_settings(LEASE_SECONDS=0.6)) as node:
             task = await ScriptedTask.objects.acreate(steps=500, delay=0.02)
-            key = task_key(ScriptedTask, task.pk)
+            key = TaskKey.of(ScriptedTask, task.pk)
             await wait_logged(task, lambda ev: len(ev) >= 1, message="a step")
             run = node.runner.runs[key]
             later = timezone.now() + timedelta(seconds=60)
@@ -744,7 +744,7 @@ class RobustnessTests(RunnerTestCase):
             async with Node(node_settings()) as node:
                 task = await ScriptedTask.objects.acreate(steps=2)
                 await wait_status(task, "completed", timeout=10)
-                events = await read_subscription(node, task_key(ScriptedTask, task.pk), 0)
+                events = await read_subscription(node, TaskKey.of(ScriptedTask, task.pk), 0)
         self.assertGreaterEqual(len(calls), 2)
         self.assertEqual([e.event for e in events], ["step", "step", "complete"])
         self.assertEqual(summary(await logged(task))[-1], (3, "complete"))
@@ -788,7 +788,7 @@ class RobustnessTests(RunnerTestCase):
             for seq in range(1, 301):
                 payload = build_payload({"n": seq}, task_id=1, model_name="ScriptedTask")
                 # Straight into the queue: append() would wake the writer at 100.
-                log._pending.append(("testapp.scriptedtask", "424242", Event(seq, "step", payload)))
+                log._pending.append((TaskKey("testapp.scriptedtask", "424242"), Event(seq, "step", payload)))
             real_write = store.write_events
 
             def slow_write(rows):

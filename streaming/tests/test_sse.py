@@ -13,19 +13,19 @@ import uvicorn
 from django.db.models import QuerySet
 from django.test import TransactionTestCase
 
-from streaming.http import StreamingApp
+from streaming.keys import TaskKey
 from streaming.node import Node
-from streaming.registry import task_key
-from streaming.server import _config
+from streaming.server.serve import make_config
 from streaming.tests.support import eventually, node_settings, parse_sse
 from streaming.tests.testapp.models import ScriptedTask
+from streaming.web.app import StreamingApp
 
 
 @contextlib.asynccontextmanager
 async def serving(**settings):
     """runserver_stream's uvicorn set-up, in this process."""
     app = StreamingApp(node_factory=lambda: Node(node_settings(**settings)))
-    config = _config(app, host="127.0.0.1", port=0, uds=None, log_level="warning")
+    config = make_config(app, host="127.0.0.1", port=0, uds=None, log_level="warning")
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None
     sock = socket.socket()
@@ -71,10 +71,10 @@ class DirectStreamTests(TransactionTestCase):
 
     async def test_clients_that_leave_leave_nothing_behind(self):
         task = await ScriptedTask.objects.acreate(steps=1, status="created")
-        key = task_key(ScriptedTask, task.pk)
+        key = TaskKey.of(ScriptedTask, task.pk)
         async with serving() as (app, port):
             clients = [await open_stream(port, f"/stream/ScriptedTask/{task.pk}") for _ in range(50)]
-            broker = app.node.broker
+            broker = app.node.hub
             await eventually(
                 lambda: key in broker._channels and sum(s.live for s in broker._channels[key].subs) == 50,
                 message="50 live subscribers",

@@ -12,7 +12,7 @@ from datetime import datetime
 
 import httpx
 
-from streaming.models import ContinueTask, ExampleTask
+from demo.models import ContinueTask, ExampleTask
 
 from .servercase import ServerTestCase
 from .support import REPO, manage, read_stream, subprocess_env

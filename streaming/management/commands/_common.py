@@ -1,6 +1,6 @@
 from django.core.management.base import CommandError
 
-from streaming.registry import UnknownModel, resolve_model
+from streaming.tasks.registry import UnknownModel, resolve_model
 
 
 def get_task(model_name: str, task_id: str):

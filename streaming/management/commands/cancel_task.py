@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from streaming.base import FINISHED_STATUSES
+from streaming.models import FINISHED_STATUSES
 
 from ._common import get_task
 

@@ -3,9 +3,9 @@ from datetime import timedelta
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from streaming.base import FINISHED_STATUSES
-from streaming.registry import stream_models
-from streaming.store import delete_events
+from streaming.models import FINISHED_STATUSES, TaskEvent
+from streaming.tasks.registry import stream_models
+from streaming.tasks.store import delete_events
 
 
 class Command(BaseCommand):
@@ -26,13 +26,11 @@ class Command(BaseCommand):
             if not pks:
                 continue
             if dry_run:
-                from streaming.models import TaskEvent
-
                 events = TaskEvent.objects.filter(
                     task_type=model._meta.label_lower, task_id__in=[str(p) for p in pks]
                 ).count()
             else:
-                events = delete_events(model._meta.label_lower, pks)
+                events = delete_events(model, pks)
                 model.objects.filter(pk__in=pks).delete()
             total_tasks += len(pks)
             total_events += events

@@ -2,9 +2,10 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
-from streaming.broker import is_shared
 from streaming.conf import get_settings
-from streaming.server import serve
+from streaming.server.serve import serve
+from streaming.server.supervisor import serve_workers
+from streaming.transports import is_shared
 
 
 class Command(BaseCommand):
@@ -38,4 +39,7 @@ class Command(BaseCommand):
         self.stdout.write(f"Starting streaming server on {where}{suffix}")
         self.stdout.flush()
         sys.stdout.flush()
-        serve(host=host, port=port, uds=socket, log_level=log_level, workers=workers)
+        if workers > 1:
+            serve_workers(workers, host=host, port=port, uds=socket, log_level=log_level)
+        else:
+            serve(host=host, port=port, uds=socket, log_level=log_level)

@@ -4,7 +4,7 @@ from functools import cache
 
 from django.apps import apps
 
-from .base import StreamTask
+from ..models import StreamTask
 
 
 @cache
@@ -12,10 +12,6 @@ def stream_models() -> tuple[type[StreamTask], ...]:
     return tuple(
         model for model in apps.get_models() if issubclass(model, StreamTask) and not model._meta.proxy
     )
-
-
-def task_key(model: type[StreamTask], pk) -> str:
-    return f"{model._meta.label_lower}:{pk}"
 
 
 class UnknownModel(LookupError):

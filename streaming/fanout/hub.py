@@ -1,4 +1,4 @@
-"""The in-process broker: the embedded default (one process, no services).
+"""The local fanout hub: one per process, the same in every mode.
 
 Delivery is pushed, not pulled. Each task has one ``Channel``: a shared list
 of recent events and the set of its subscribers. A subscriber is a cursor and
@@ -14,11 +14,12 @@ from the event log, and joins the live set again once it has caught up.
 import asyncio
 import logging
 from bisect import bisect_right
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import AsyncIterator
 
 from ..events import KEEPALIVE, Event, retry_hint
-from .base import Broker
+from ..keys import TaskKey
+from ..transports.base import History, Transport
+from .sinks import QueueSink, Sink
 
 RECONNECT_HINT_MS = 1000
 LOOKS_AT_ONCE = 4  # log queries for missed ends running together (the ORM has one thread)
@@ -35,29 +36,12 @@ def _ended_by(latest: Event | None, after: int) -> bool:
     return latest is not None and latest.terminal and latest.seq <= after
 
 
-class Sink(Protocol):
-    """Where one subscriber's bytes go (server.py's socket, or subscribe()'s queue)."""
-
-    paused: bool  # holds enough unsent data: write nothing more until drain()
-
-    def write(self, data: bytes) -> None: ...
-
-    async def drain(self) -> None:
-        """Return once ``paused`` is False again."""
-
-    def end(self) -> None:
-        """The stream is over: send what is buffered, then close."""
-
-    def abort(self) -> None:
-        """Cut off a client that reads nothing."""
-
-
 class Subscriber:
     """A client of one task: its cursor (the last seq it was sent) and its sink."""
 
     __slots__ = ("after", "channel", "closed", "key", "sink", "task")
 
-    def __init__(self, key: str, channel: "Channel", sink: Sink, after: int | None):
+    def __init__(self, key: TaskKey, channel: "Channel", sink: Sink, after: int | None):
         self.key = key
         self.channel = channel
         self.sink = sink
@@ -96,24 +80,28 @@ class Channel:
         return not self.events or self.events[-1].terminal
 
 
-class MemoryBroker(Broker):
+class Hub:
     """Fans events out to the subscribers of this process.
 
     Each task has one shared list of recent events; a subscriber is a cursor
     into it, so a slow subscriber holds no copy of anything and a publish
     costs the same however many subscribers lag. Subscribers that fall
-    behind the list, and late ones asking for old events, read the event log.
+    behind the list, and late ones asking for old events, read ``history``
+    (the event log, or the transport's recent history in front of it).
+    Events published in other processes arrive through ``transport``.
     """
 
-    def __init__(self, *, history, settings):
+    def __init__(self, *, transport: Transport, history: History, settings):
+        self._transport = transport
         self._history = history
         self._history_size = settings.HISTORY_SIZE
         self._keepalive = settings.KEEPALIVE_INTERVAL
         self._max_chunk = settings.MAX_CHUNK_BYTES
         self.send_timeout = settings.CLIENT_SEND_TIMEOUT
-        self._channels: dict[str, Channel] = {}
+        self._channels: dict[TaskKey, Channel] = {}
+        self._watchers: dict[TaskKey, int] = {}  # key -> local subscribers (the transport's watch)
+        self._publishing: set[TaskKey] = set()  # tasks a runner of this process is running
         self._closing = False
-        self._wake_callbacks: list[Callable[[], None]] = []
         self._ticker: asyncio.Task | None = None
         self._looks: set[asyncio.Task] = set()
         self._look_slots = asyncio.Semaphore(LOOKS_AT_ONCE)
@@ -153,7 +141,7 @@ class MemoryBroker(Broker):
                     self._looks.add(look)
                     look.add_done_callback(self._looks.discard)
 
-    async def _look(self, key: str, channel: Channel) -> None:
+    async def _look(self, key: TaskKey, channel: Channel) -> None:
         try:
             async with self._look_slots, asyncio.timeout(self._keepalive / 2):
                 await self._look_for_a_missed_end(key, channel)
@@ -164,13 +152,39 @@ class MemoryBroker(Broker):
 
     # -- runner side --------------------------------------------------------
 
-    async def publish(self, key: str, event: Event) -> None:
+    async def publish(self, key: TaskKey, event: Event) -> None:
+        """A runner of this process sent ``event``: to local subscribers, and on."""
+        if event.terminal:
+            self._publishing.discard(key)
+        else:
+            self._publishing.add(key)
         channel = self._channels.get(key)
         if channel is None:
             channel = self._channels[key] = Channel()
         self._append(key, channel, event)
+        self._transport.publish(key, event)
 
-    def _append(self, key: str, channel: Channel, event: Event) -> None:
+    def run_stopped(self, key: TaskKey) -> None:
+        """This process's run of ``key`` is over. A run that lost its lease sent
+        no end: its channel would otherwise stay here, fed by nobody."""
+        self._publishing.discard(key)
+        channel = self._channels.get(key)
+        if channel is not None and not channel.subs:
+            del self._channels[key]
+
+    # -- transport side (Receiver) ------------------------------------------------
+
+    def deliver(self, key: TaskKey, event: Event) -> None:
+        """An event published in another process, for this process's subscribers."""
+        channel = self._channels.get(key)
+        if channel is not None:
+            self._append(key, channel, event)
+
+    def held_seq(self, key: TaskKey) -> int | None:
+        channel = self._channels.get(key)
+        return channel.events[-1].seq if channel is not None and channel.events else None
+
+    def _append(self, key: TaskKey, channel: Channel, event: Event) -> None:
         events = channel.events
         if events and event.seq <= events[-1].seq:
             return  # already here (another path delivered it first)
@@ -185,7 +199,7 @@ class MemoryBroker(Broker):
         if event.terminal and not channel.subs and self._channels.get(key) is channel:
             del self._channels[key]
 
-    def _flush(self, key: str, channel: Channel) -> None:
+    def _flush(self, key: TaskKey, channel: Channel) -> None:
         """Write what the live subscribers have not had yet: the same bytes to each."""
         channel.flush_pending = False
         channel.active_at = asyncio.get_running_loop().time()
@@ -217,19 +231,9 @@ class MemoryBroker(Broker):
                 if end_seq is not None and sub.after >= end_seq:  # it resumed past the end
                     self._end(sub)
 
-    def wake_runners(self) -> None:
-        for callback in self._wake_callbacks:
-            callback()
-
-    async def wake(self) -> None:
-        self.wake_runners()
-
-    def on_wake(self, callback: Callable[[], None]) -> None:
-        self._wake_callbacks.append(callback)
-
     # -- HTTP side --------------------------------------------------------------
 
-    def attach(self, key: str, after: int | None, sink: Sink) -> Subscriber:
+    def attach(self, key: TaskKey, after: int | None, sink: Sink) -> Subscriber:
         """Start streaming task ``key`` into ``sink``: the events after ``after``
         (None: the latest one first), then live ones, until the task's end.
 
@@ -260,16 +264,24 @@ class MemoryBroker(Broker):
         if not channel.subs and channel.done and self._channels.get(sub.key) is channel:
             del self._channels[sub.key]
 
-    def _watch(self, key: str) -> None:
-        """Hook: a subscription of ``key`` starts (the Redis broker reads its stream)."""
+    def _watch(self, key: TaskKey) -> None:
+        count = self._watchers.get(key, 0)
+        self._watchers[key] = count + 1
+        if count == 0:
+            self._transport.watch(key)
 
-    def _unwatch(self, key: str) -> None:
-        """Hook: a subscription of ``key`` ended."""
+    def _unwatch(self, key: TaskKey) -> None:
+        count = self._watchers[key] - 1
+        if count:
+            self._watchers[key] = count
+            return
+        del self._watchers[key]
+        self._transport.unwatch(key)
+        channel = self._channels.get(key)
+        if channel is not None and not channel.subs and key not in self._publishing:
+            del self._channels[key]  # nothing feeds it any more
 
-    async def _ready(self, key: str) -> None:
-        """Hook: awaited before a new subscriber's first read."""
-
-    async def subscribe(self, key: str, after: int | None):
+    async def subscribe(self, key: TaskKey, after: int | None) -> AsyncIterator[bytes]:
         """The stream as an async iterator of byte chunks (the ASGI path, tests).
 
         Its sink holds one chunk: a consumer that does not take it falls
@@ -308,8 +320,8 @@ class MemoryBroker(Broker):
         try:
             if self._closing:
                 return self._end(sub, hint=True)
-            await self._ready(sub.key)
-            await self._seed(channel, *sub.key.split(":", 1))
+            await self._transport.ready(sub.key)
+            await self._seed(channel, sub.key)
             latest = channel.events[-1] if channel.events else None
             if sub.after is None:  # the seed's rule: the latest event at once, then the rest
                 sub.after = latest.seq - 1 if latest else 0
@@ -323,14 +335,13 @@ class MemoryBroker(Broker):
     async def _catch_up(self, sub: Subscriber, *, drain_first: bool = False) -> None:
         """Send a subscriber what it misses, chunk by chunk, then make it live."""
         channel, sink = sub.channel, sub.sink
-        task_type, _, task_id = sub.key.partition(":")
         try:
             if drain_first and not await self._drained(sub):
                 return
             while not self._closing:
                 batch = self._from_memory(channel, sub.after)
                 if batch is None:
-                    batch = await self._history.read(task_type, task_id, sub.after, self._history_size)
+                    batch = await self._history.read(sub.key, sub.after, self._history_size)
                     if channel.events:  # it may have filled while we read the log
                         first_in_memory = channel.events[0].seq
                         batch = [e for e in batch if e.seq < first_in_memory]
@@ -369,7 +380,7 @@ class MemoryBroker(Broker):
             self.detach(sub)
             return False
 
-    async def _seed(self, channel: Channel, task_type, task_id) -> None:
+    async def _seed(self, channel: Channel, key: TaskKey) -> None:
         """Load the task's recent events from the log into memory, once per channel.
 
         However many clients arrive at once (a thousand watchers of a task
@@ -378,19 +389,19 @@ class MemoryBroker(Broker):
         if channel.seeded:
             return
         if channel.seeding is None:
-            channel.seeding = asyncio.ensure_future(self._load_seed(channel, task_type, task_id))
+            channel.seeding = asyncio.ensure_future(self._load_seed(channel, key))
         try:
             await asyncio.shield(channel.seeding)
         finally:
             if channel.seeding is not None and channel.seeding.done():
                 channel.seeding = None
 
-    async def _load_seed(self, channel: Channel, task_type, task_id) -> None:
-        latest = await self._history.last(task_type, task_id)
+    async def _load_seed(self, channel: Channel, key: TaskKey) -> None:
+        latest = await self._history.last(key)
         recent: list[Event] = []
         if latest is not None:
             recent = await self._history.read(
-                task_type, task_id, max(0, latest.seq - self._history_size), self._history_size
+                key, max(0, latest.seq - self._history_size), self._history_size
             )
         if channel.events:  # published meanwhile
             first = channel.events[0].seq
@@ -404,7 +415,7 @@ class MemoryBroker(Broker):
             channel.events[:] = recent
         channel.seeded = True
 
-    async def _look_for_a_missed_end(self, key: str, channel: Channel) -> None:
+    async def _look_for_a_missed_end(self, key: TaskKey, channel: Channel) -> None:
         """Once per keep-alive interval per idle task: did it end without us hearing?
 
         With Redis, a node that dies between writing a task's end to the log
@@ -412,20 +423,19 @@ class MemoryBroker(Broker):
         log has an end newer than memory, what memory misses is read from the
         log and delivered as if it had been published.
         """
-        task_type, _, task_id = key.partition(":")
         now = asyncio.get_running_loop().time()
         if now - channel.checked_at < self._keepalive:
             return
         channel.checked_at = now
         if not channel.seeded or (channel.events and channel.events[-1].terminal):
             return
-        latest = await self._history.last(task_type, task_id)
+        latest = await self._history.last(key)
         newest_here = channel.events[-1].seq if channel.events else 0
         if latest is None or not latest.terminal or latest.seq <= newest_here:
             return
         while not (channel.events and channel.events[-1].terminal):
             after = channel.events[-1].seq if channel.events else 0
-            missed = await self._history.read(task_type, task_id, after, self._history_size)
+            missed = await self._history.read(key, after, self._history_size)
             if not missed or self._channels.get(key) is not channel:
                 break  # nothing more, or the channel was dropped (its clients left) meanwhile
             for event in missed:
@@ -463,54 +473,3 @@ class MemoryBroker(Broker):
         for channel in list(self._channels.values()):
             for sub in list(channel.subs):
                 self._end(sub, hint=True)  # a catch-up task in progress is cancelled
-
-
-class QueueSink:
-    """The sink behind ``subscribe()``: at most one chunk waits for the consumer."""
-
-    __slots__ = ("_ready", "_space", "chunks", "ended", "paused")
-
-    def __init__(self):
-        self.chunks: list[bytes] = []
-        self.paused = False
-        self.ended = False
-        self._ready: asyncio.Future | None = None
-        self._space: asyncio.Future | None = None
-
-    def write(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.paused = True
-        self._wake_consumer()
-
-    def end(self) -> None:
-        self.ended = True
-        self._wake_consumer()
-
-    abort = end
-
-    def take(self) -> bytes | None:
-        if not self.chunks:
-            return None
-        chunk = self.chunks.pop(0)
-        if not self.chunks:
-            self.paused = False
-            if self._space is not None and not self._space.done():
-                self._space.set_result(None)
-        return chunk
-
-    async def wait(self) -> None:
-        """Until something is written or the stream ends."""
-        self._ready = asyncio.get_running_loop().create_future()
-        try:
-            await self._ready
-        finally:
-            self._ready = None
-
-    async def drain(self) -> None:
-        while self.paused and not self.ended:
-            self._space = asyncio.get_running_loop().create_future()
-            await self._space
-
-    def _wake_consumer(self) -> None:
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_result(None)

@@ -1,4 +1,4 @@
-"""The Redis broker: many processes and machines share one Redis.
+"""The Redis transport: many processes and machines share one Redis.
 
 - Each task's recent events live in a Redis Stream, ``streaming:events:<key>``,
   whose entry ids are the events' sequence numbers (``<seq>-0``), so any node
@@ -8,8 +8,8 @@
   come from the event log in the database, the durable record.
 - A node reads Redis once for all the tasks its clients watch: one blocking
   XREAD over every watched stream, on one connection, whatever the number of
-  clients. Events are fanned out locally by the in-memory machinery this
-  class inherits (one shared list per task, a cursor per client).
+  clients. Events are fanned out locally by the node's hub (one shared
+  list per task, a cursor per client).
 - Runner wake-ups (a task was created, started or cancelled anywhere) go
   through the pub/sub channel ``streaming:wake``.
 """
@@ -17,11 +17,19 @@
 import asyncio
 import logging
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+try:
+    import redis
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError, ResponseError
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "STREAMING['BROKER_URL'] names Redis, but redis-py is not installed: "
+        "pip install 'django-streaming-coordinator[redis]'"
+    ) from exc
 
 from ..events import Event
-from .memory import MemoryBroker
+from ..keys import TaskKey
+from .base import History, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +39,17 @@ READ_BLOCK_MS = 100  # a newly watched task joins the shared read within this
 REDIS_POOL_SIZE = 32  # connections per node for publishing and history reads
 
 
-def stream_name(key: str) -> str:
-    return STREAM_PREFIX + key
+def stream_name(key: TaskKey) -> str:
+    return f"{STREAM_PREFIX}{key.label}:{key.pk}"
+
+
+def wake_from_outside(url: str) -> None:
+    """A one-off wake-up from a process that runs no node (create_task, shell)."""
+    try:
+        with redis.Redis.from_url(url, socket_timeout=2) as client:
+            client.publish(WAKE_CHANNEL, b"1")
+    except RedisError as exc:
+        logger.warning("Could not wake the runners through Redis (%s); they poll", exc)
 
 
 def _event(entry_id: bytes, fields: dict) -> Event:
@@ -42,33 +59,34 @@ def _event(entry_id: bytes, fields: dict) -> Event:
 class RedisHistory:
     """Recent events from the Redis Stream, older ones from the event log."""
 
-    def __init__(self, broker: "RedisBroker", log):
-        self._broker = broker
+    def __init__(self, transport: "RedisTransport", log: History):
+        self._transport = transport
         self._log = log
 
-    async def read(self, task_type: str, task_id: str, after: int, limit: int) -> list[Event]:
-        redis = self._broker.redis
-        name = stream_name(f"{task_type}:{task_id}")
-        recent = [_event(i, f) for i, f in await redis.xrange(name, f"({after}-0", "+", count=limit)]
+    async def read(self, key: TaskKey, after: int, limit: int) -> list[Event]:
+        name = stream_name(key)
+        entries = await self._transport.redis.xrange(name, f"({after}-0", "+", count=limit)
+        recent = [_event(i, f) for i, f in entries]
         if recent and recent[0].seq == after + 1:
             return recent
         # The stream does not reach back to `after` (capped, expired, or a
         # numbering gap): take what the log has below the stream's start.
-        logged = await self._log.read(task_type, task_id, after, limit)
+        logged = await self._log.read(key, after, limit)
         if recent:
             logged = [e for e in logged if e.seq < recent[0].seq]
         return (logged + recent)[:limit]
 
-    async def last(self, task_type: str, task_id: str) -> Event | None:
-        entries = await self._broker.redis.xrevrange(stream_name(f"{task_type}:{task_id}"), "+", "-", count=1)
+    async def last(self, key: TaskKey) -> Event | None:
+        entries = await self._transport.redis.xrevrange(stream_name(key), "+", "-", count=1)
         if entries:
             return _event(*entries[0])
-        return await self._log.last(task_type, task_id)
+        return await self._log.last(key)
 
 
-class RedisBroker(MemoryBroker):
-    def __init__(self, url: str, *, history, settings):
-        super().__init__(history=RedisHistory(self, history), settings=settings)
+class RedisTransport(Transport):
+    shared = True
+
+    def __init__(self, url: str, *, settings):
         self.url = url
         self._maxlen = settings.REDIS_STREAM_MAXLEN
         self._ttl = int(settings.REDIS_STREAM_TTL)
@@ -80,11 +98,10 @@ class RedisBroker(MemoryBroker):
             )
         )
         self._reader = aioredis.Redis.from_url(url)  # its own connection: XREAD blocks it
-        self._watched: dict[str, int] = {}  # key -> local subscriptions
-        self._cursors: dict[str, bytes] = {}  # key -> last stream id read
+        self._watched: set[TaskKey] = set()  # tasks with local subscribers
+        self._cursors: dict[TaskKey, bytes] = {}  # key -> last stream id read
         self._watch_changed = asyncio.Event()
-        self._publishing: set[str] = set()  # tasks a runner of this node is running
-        self._outbox: list[tuple[str, Event]] = []
+        self._outbox: list[tuple[TaskKey, Event]] = []
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,8 +115,10 @@ class RedisBroker(MemoryBroker):
             asyncio.create_task(self._send_outbox(), name="streaming-redis-send"),
         ]
 
+    def history(self, log: History) -> History:
+        return RedisHistory(self, log)
+
     async def stop(self) -> None:
-        await super().stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -112,24 +131,11 @@ class RedisBroker(MemoryBroker):
 
     # -- runner side --------------------------------------------------------------
 
-    async def publish(self, key: str, event: Event) -> None:
-        # This node's watchers at once; Redis in order, in pipelined batches,
-        # so a chatty task is not held to one round trip per event.
-        if event.terminal:
-            self._publishing.discard(key)
-        else:
-            self._publishing.add(key)
+    def publish(self, key: TaskKey, event: Event) -> None:
+        # In order, in pipelined batches, so a chatty task is not held to one
+        # round trip per event.
         self._outbox.append((key, event))
         self._outbox_ready.set()
-        await super().publish(key, event)
-
-    def run_stopped(self, key: str) -> None:
-        # A run that lost its lease sent no end: without this its channel
-        # would stay here, fed by nobody, while another node goes on.
-        self._publishing.discard(key)
-        channel = self._channels.get(key)
-        if channel is not None and not channel.subs and key not in self._watched:
-            del self._channels[key]
 
     async def _send_outbox(self) -> None:
         while True:
@@ -174,7 +180,7 @@ class RedisBroker(MemoryBroker):
         if batch:
             await self._xadd(batch)
 
-    def wake_runners(self) -> None:
+    def wake_all(self) -> None:
         # Called from any thread (on_commit callbacks run in the ORM's).
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(
@@ -190,8 +196,7 @@ class RedisBroker(MemoryBroker):
             try:
                 await pubsub.subscribe(WAKE_CHANNEL)
                 async for _message in pubsub.listen():
-                    for callback in self._wake_callbacks:
-                        callback()
+                    self.on_wake()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -202,10 +207,10 @@ class RedisBroker(MemoryBroker):
 
     # -- HTTP side ----------------------------------------------------------------------
 
-    def _watch(self, key: str) -> None:
-        self._watched[key] = self._watched.get(key, 0) + 1
+    def watch(self, key: TaskKey) -> None:
+        self._watched.add(key)
 
-    async def _ready(self, key: str) -> None:
+    async def ready(self, key: TaskKey) -> None:
         if key not in self._cursors:
             # Read from the stream's current end: what came before reaches the
             # subscriber through its history read.
@@ -214,25 +219,18 @@ class RedisBroker(MemoryBroker):
             # and the reader moved on from there: never move a cursor forward.
             if key in self._watched and key not in self._cursors:
                 cursor = top[0][0] if top else b"0-0"
-                channel = self._channels.get(key)
-                if channel is not None and channel.events:
-                    # Memory already holds this task (its run was here until
-                    # another node took over): read on from where memory
-                    # stops, not from the top, so nothing between is skipped.
-                    held = channel.events[-1].seq
-                    if held < int(cursor.split(b"-", 1)[0]):
-                        cursor = f"{held}-0".encode()
+                held = self.receiver.held_seq(key)
+                # Memory already holds this task (its run was here until
+                # another node took over): read on from where memory stops,
+                # not from the top, so nothing between is skipped.
+                if held is not None and held < int(cursor.split(b"-", 1)[0]):
+                    cursor = f"{held}-0".encode()
                 self._cursors[key] = cursor
                 self._watch_changed.set()
 
-    def _unwatch(self, key: str) -> None:
-        self._watched[key] -= 1
-        if self._watched[key] == 0:
-            del self._watched[key]
-            self._cursors.pop(key, None)
-            channel = self._channels.get(key)
-            if channel is not None and not channel.subs and key not in self._publishing:
-                del self._channels[key]  # no reader feeds it any more
+    def unwatch(self, key: TaskKey) -> None:
+        self._watched.discard(key)
+        self._cursors.pop(key, None)
 
     async def _read_streams(self) -> None:
         """One XREAD for every watched task; events go to the local channels."""
@@ -251,13 +249,11 @@ class RedisBroker(MemoryBroker):
                 await asyncio.sleep(0.5)
                 continue
             for name, entries in replies or ():
-                key = name.decode()[len(STREAM_PREFIX) :]
+                key = TaskKey.parse(name.decode()[len(STREAM_PREFIX) :])
                 if key not in self._cursors:
                     continue  # nobody here watches it any more
-                channel = self._channels.get(key)
                 for entry_id, fields in entries:
-                    if channel is not None:
-                        self._append(key, channel, _event(entry_id, fields))
+                    self.receiver.deliver(key, _event(entry_id, fields))
                     self._cursors[key] = entry_id
 
 

@@ -2,116 +2,35 @@
 
 import asyncio
 import logging
-import sqlite3
 import time
 import traceback
 
 from asgiref.sync import sync_to_async
-from django.db import connection
 
-from . import store
-from .base import Recovery, Status
-from .broker import is_shared
-from .events import CANCELLED, COMPLETE, ERROR, RETRY, Event, build_payload, to_json_value
-from .registry import stream_models, task_key
+from ..events import CANCELLED, COMPLETE, ERROR, RETRY, to_json_value
+from ..keys import TaskKey
+from ..models import Recovery, Status
+from . import store, wake
+from .registry import stream_models
+from .run import TaskRun
 
 logger = logging.getLogger(__name__)
 
-SQLITE_WATCH_INTERVAL = 0.02
-
-
-class TaskRun:
-    """One run of one task: its event numbering, its coroutine, its wake-ups."""
-
-    def __init__(self, runner: "Runner", claim: store.Claim):
-        self.runner = runner
-        self.instance = claim.instance
-        self.model = type(claim.instance)
-        self.pk = claim.instance.pk
-        self.key = task_key(self.model, self.pk)
-        self.task_type, _, self.task_id = self.key.partition(":")
-        self.next_seq = claim.first_seq
-        self.reserved_to = claim.reserved_to
-        self.cancel_requested = False
-        self.lease_lost = False
-        self.task: asyncio.Task | None = None
-        self._reserve_lock = asyncio.Lock()
-        self._row_changed = asyncio.Event()
-        self._terminal: Event | None = None
-
-    async def send(self, event_type: str, data) -> Event:
-        event = await self.number(event_type, data)
-        await self.runner.broker.publish(self.key, event)
-        if self.model.persist_events:
-            self.runner.eventlog.append(self.task_type, self.task_id, event)
-        return event
-
-    async def number(self, event_type: str, data) -> Event:
-        """The next event of this task, numbered and encoded but not yet sent."""
-        if self.next_seq > self.reserved_to:
-            async with self._reserve_lock:
-                if self.next_seq > self.reserved_to:
-                    upto = self.next_seq + store.SEQ_BLOCK - 1
-                    if not await sync_to_async(store.reserve_seq)(
-                        self.model, self.pk, self.runner.owner, upto
-                    ):
-                        # Another runner owns the task now: numbering on would
-                        # collide with its numbers.
-                        self.lease_lost = True
-                        raise asyncio.CancelledError
-                    self.reserved_to = upto
-        seq = self.next_seq
-        self.next_seq += 1
-        return Event(
-            seq,
-            event_type,
-            build_payload(data, task_id=self.pk, model_name=self.model.stream_name()),
-        )
-
-    async def end(self, status: str, event_type: str, data, **fields) -> bool:
-        """Write the terminal event with the row's final state, then announce it.
-
-        Durable first: a client arriving at any moment finds the end either
-        in the log or live, never in neither. Safe to call again after a
-        failure (the event keeps its number). False: the lease was lost, and
-        nothing is announced (the new owner ends the task).
-        """
-        if self._terminal is None:
-            self._terminal = await self.number(event_type, data)
-        await self.runner.eventlog.flush()
-        won = await sync_to_async(store.finish)(
-            self.model, self.pk, self.runner.owner, status, self._terminal, **fields
-        )
-        if won:
-            await self.runner.broker.publish(self.key, self._terminal)
-        return won
-
-    def row_changed(self) -> None:
-        self._row_changed.set()
-
-    async def wait_for_row_change(self, timeout: float) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                await self._row_changed.wait()
-        except TimeoutError:
-            pass
-        self._row_changed.clear()
-
 
 class Runner:
-    def __init__(self, *, broker, eventlog, settings, owner: str | None = None):
-        self.broker = broker
+    def __init__(self, *, hub, transport, eventlog, settings, owner: str | None = None):
+        self.hub = hub
+        self.transport = transport
         self.eventlog = eventlog
         self.settings = settings
         self.owner = owner or store.new_owner_id()
-        self.runs: dict[str, TaskRun] = {}
+        self.runs: dict[TaskKey, TaskRun] = {}
         self._wake = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         self._step_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        broker.on_wake(self.wake_threadsafe)
 
     # -- wake-ups -----------------------------------------------------------------
 
@@ -122,7 +41,7 @@ class Runner:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def row_changed_threadsafe(self, key: str) -> None:
+    def row_changed_threadsafe(self, key: TaskKey) -> None:
         run = self.runs.get(key)
         if run is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(run.row_changed)
@@ -132,52 +51,10 @@ class Runner:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_task = asyncio.create_task(self._main(), name="streaming-runner")
-        if connection.vendor == "sqlite":
-            self._watch_task = asyncio.create_task(
-                self._watch_sqlite(connection.settings_dict["NAME"]), name="streaming-sqlite-watch"
-            )
-        elif connection.vendor == "postgresql" and not is_shared(self.settings.BROKER_URL):
-            # (With Redis, wake-ups travel through it.)
-            self._watch_task = asyncio.create_task(self._listen_postgres(), name="streaming-pg-listen")
-
-    async def _listen_postgres(self) -> None:
-        """Wake at once when another process saves a pending row (create_task, shell, admin):
-        signals.py sends NOTIFY on commit; this connection LISTENs."""
-        import psycopg
-
-        conninfo = store.pg_conninfo()
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as listener:
-                    await listener.execute(f"LISTEN {store.PG_WAKE_CHANNEL}")
-                    self._wake.set()  # whatever was saved while nobody listened
-                    async for _notice in listener.notifies():
-                        self._wake.set()
-            except (psycopg.Error, OSError) as exc:
-                logger.warning("PostgreSQL wake-up listener lost (%s); polling meanwhile, retrying", exc)
-                await asyncio.sleep(1)
-
-    async def _watch_sqlite(self, path) -> None:
-        """Wake at once when another connection commits (create_task, shell, admin).
-
-        ``PRAGMA data_version`` changes whenever another connection commits;
-        reading it costs microseconds, so a 20 ms check replaces a query per
-        model per poll as the way rows written by other processes are noticed.
-        """
-        watcher = sqlite3.connect(path, timeout=0, check_same_thread=False)
-        try:
-            version = None
-            while True:
-                try:
-                    current = watcher.execute("PRAGMA data_version").fetchone()[0]
-                except sqlite3.OperationalError:
-                    current = version  # busy for a moment: look again next time
-                if version is not None and current != version:
-                    self._wake.set()
-                version = current
-                await asyncio.sleep(SQLITE_WATCH_INTERVAL)
-        finally:
-            watcher.close()
+        self._watch_task = asyncio.create_task(
+            wake.watch_database(self.wake, shared_transport=self.transport.shared),
+            name="streaming-watch-database",
+        )
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop claiming; give running tasks ``grace`` s, then interrupt the rest.
@@ -249,7 +126,7 @@ class Runner:
 
     async def _check_cancellations(self) -> None:
         for model, pk in await sync_to_async(store.cancel_requests)(self._running_by_model(), self.owner):
-            run = self.runs.get(task_key(model, pk))
+            run = self.runs.get(TaskKey.of(model, pk))
             if run and run.task and not run.cancel_requested:
                 logger.info("Cancelling %s", run.key)
                 run.cancel_requested = True
@@ -261,20 +138,20 @@ class Runner:
             for model, pk in await sync_to_async(store.renew_leases)(
                 self._running_by_model(), self.owner, lease
             ):
-                run = self.runs.get(task_key(model, pk))
+                run = self.runs.get(TaskKey.of(model, pk))
                 if run and run.task:
                     logger.warning("Lost the lease of %s; stopping it here", run.key)
                     run.lease_lost = True
                     run.task.cancel()
         recovered = await sync_to_async(store.recover_orphans)(stream_models(), self.owner, lease)
         for item in recovered:
-            key = task_key(item.model, item.pk)
+            key = TaskKey.of(item.model, item.pk)
             if item.requeued:
                 logger.warning("Recovered %s: its server died; running it again", key)
                 self.wake()
             else:
                 logger.warning("Recovered %s: its server died; failed by its policy", key)
-                await self.broker.publish(key, item.event)
+                await self.hub.publish(key, item.event)
 
     # -- one task -------------------------------------------------------------------
 
@@ -342,7 +219,7 @@ class Runner:
             logger.exception("Ending task %s failed; its lease will expire", run.key)
         finally:
             self.runs.pop(run.key, None)
-            self.broker.run_stopped(run.key)
+            self.hub.run_stopped(run.key)
 
     async def _end_durably(self, run, status, event_type, data, final_value, error_text) -> None:
         """run.end(), again and again while the database fails.
@@ -369,7 +246,7 @@ class Runner:
         if run.model.recovery == Recovery.RETRY and run.instance.attempts < run.model.max_attempts:
             await sync_to_async(store.finish)(run.model, run.pk, self.owner, Status.PENDING, None)
             logger.info("Handed %s back; another runner (or the next start) takes it up", run.key)
-            await self.broker.wake()
+            await self.transport.wake()
             return
         message = "Task interrupted: the server shut down"
         await run.end(Status.FAILED, ERROR, {"message": message, "type": "Interrupted"}, error=message)

@@ -2,7 +2,8 @@ import time
 
 from django.core.management.base import BaseCommand
 
-from streaming.models import ContinueTask, ExampleTask, Status
+from demo.models import ContinueTask, ExampleTask
+from streaming import Status
 
 TYPES = {"example": ExampleTask, "continue": ContinueTask}
 

@@ -16,31 +16,12 @@ from django.db import connection, transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
-from .base import FINISHED_STATUSES, Recovery, Status, StreamTask
-from .events import ERROR, Event, build_payload
-from .models import TaskEvent
+from ..events import ERROR, Event, build_payload
+from ..keys import TaskKey
+from ..models import FINISHED_STATUSES, Recovery, Status, StreamTask, TaskEvent
 
 SEQ_BLOCK = 1000  # sequence numbers reserved on the row at a time
 HOSTNAME = socket.gethostname()
-
-# PostgreSQL without Redis: a saved pending row NOTIFYs this channel (signals
-# -> node.wake_runners) and each runner LISTENs on it (runner.py).
-PG_WAKE_CHANNEL = "streaming_wake"
-
-
-def pg_conninfo() -> str:
-    """The default database as a libpq connection string, for a LISTEN connection of our own."""
-    from psycopg.conninfo import make_conninfo
-
-    db = connection.settings_dict
-    given = {"dbname": "NAME", "user": "USER", "password": "PASSWORD", "host": "HOST", "port": "PORT"}
-    return make_conninfo(**{key: str(db[name]) for key, name in given.items() if db.get(name)})
-
-
-def notify_wake() -> None:
-    """Wake the runners of every process on this PostgreSQL database (after commit)."""
-    with connection.cursor() as cursor:
-        cursor.execute(f"NOTIFY {PG_WAKE_CHANNEL}")
 
 
 def new_owner_id() -> str:
@@ -72,12 +53,9 @@ def owner_is_dead(owner: str | None, me: str) -> bool:
     return False
 
 
-def _label(model) -> str:
-    return model._meta.label_lower
-
-
 def next_free_seq(model, pk, seq_reserved: int) -> int:
-    logged = TaskEvent.objects.filter(task_type=_label(model), task_id=str(pk)).aggregate(m=Max("seq"))["m"]
+    key = TaskKey.of(model, pk)
+    logged = TaskEvent.objects.filter(task_type=key.label, task_id=key.pk).aggregate(m=Max("seq"))["m"]
     return max(seq_reserved, logged or 0) + 1
 
 
@@ -182,7 +160,7 @@ def finish(model, pk, owner: str, status: str, terminal: Event | None, **fields)
             **fields,
         )
         if won and terminal is not None:
-            write_events([(_label(model), str(pk), terminal)])
+            write_events([(TaskKey.of(model, pk), terminal)])
     return bool(won)
 
 
@@ -239,73 +217,34 @@ def recover_orphans(models, owner: str, lease_seconds: float) -> list[Recovered]
     return recovered
 
 
-# -- control from any process -------------------------------------------------
-
-
-def start_task(instance: StreamTask) -> bool:
-    model = type(instance)
-    started = model.objects.filter(pk=instance.pk, status=Status.CREATED).update(status=Status.PENDING)
-    if started:
-        instance.status = Status.PENDING
-        _wake_after_commit()
-    return bool(started)
-
-
-def cancel_task(instance: StreamTask) -> str:
-    """Ask the runner to cancel; returns the task's status after asking.
-
-    A task not yet taken by a runner is queued so that a runner ends it as
-    cancelled without running it: the runner alone finishes tasks, so every
-    terminal event goes out through the broker to live watchers.
-    """
-    model = type(instance)
-    with transaction.atomic():
-        model.objects.filter(pk=instance.pk, status=Status.CREATED).update(status=Status.PENDING)
-        model.objects.filter(pk=instance.pk, status__in=[Status.PENDING, Status.RUNNING]).update(
-            cancel_requested=True
-        )
-        status = model.objects.filter(pk=instance.pk).values_list("status", flat=True).first()
-    if status is None:
-        raise model.DoesNotExist(f"{model.__name__} {instance.pk} does not exist")
-    instance.status = status
-    if status not in FINISHED_STATUSES:
-        instance.cancel_requested = True
-        _wake_after_commit()
-    return status
-
-
-def _wake_after_commit():
-    from .node import wake_runners
-
-    transaction.on_commit(wake_runners)
-
-
 # -- the event log ----------------------------------------------------------------
 
 
-def write_events(rows) -> None:
-    """Insert (task_type, task_id, Event) rows; ones already there are skipped."""
+def write_events(rows: "list[tuple[TaskKey, Event]]") -> None:
+    """Insert (key, Event) rows; ones already there are skipped."""
     TaskEvent.objects.bulk_create(
         [
-            TaskEvent(task_type=label, task_id=pk, seq=e.seq, type=e.type, payload=e.payload)
-            for label, pk, e in rows
+            TaskEvent(task_type=key.label, task_id=key.pk, seq=e.seq, type=e.type, payload=e.payload)
+            for key, e in rows
         ],
         ignore_conflicts=True,
     )
 
 
-def read_events(label: str, pk: str, after: int, limit: int) -> list[Event]:
+def read_events(key: TaskKey, after: int, limit: int) -> list[Event]:
     return [
         Event(seq, type_, payload)
-        for seq, type_, payload in TaskEvent.objects.filter(task_type=label, task_id=pk, seq__gt=after)
+        for seq, type_, payload in TaskEvent.objects.filter(
+            task_type=key.label, task_id=key.pk, seq__gt=after
+        )
         .order_by("seq")
         .values_list("seq", "type", "payload")[:limit]
     ]
 
 
-def last_event(label: str, pk: str) -> Event | None:
+def last_event(key: TaskKey) -> Event | None:
     row = (
-        TaskEvent.objects.filter(task_type=label, task_id=pk)
+        TaskEvent.objects.filter(task_type=key.label, task_id=key.pk)
         .order_by("-seq")
         .values_list("seq", "type", "payload")
         .first()
@@ -313,5 +252,6 @@ def last_event(label: str, pk: str) -> Event | None:
     return Event(*row) if row else None
 
 
-def delete_events(label: str, pks) -> int:
+def delete_events(model: type[StreamTask], pks) -> int:
+    label = model._meta.label_lower
     return TaskEvent.objects.filter(task_type=label, task_id__in=[str(p) for p in pks]).delete()[0]

@@ -16,9 +16,10 @@ from urllib.parse import parse_qs
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ValidationError
 
-from . import store
-from .node import Node
-from .registry import UnknownModel, resolve_model, task_key
+from ..keys import TaskKey
+from ..node import Node
+from ..tasks import store
+from ..tasks.registry import UnknownModel, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +131,9 @@ class StreamingApp:
             return Reply(exc.status, str(exc))
         if wants_status:
             return await self._status(task)
-        key = task_key(model, task.pk)
+        key = TaskKey.of(model, task.pk)
         if after is not None and task.is_finished:
-            label, _, pk_text = key.partition(":")
-            last = await sync_to_async(store.last_event)(label, pk_text)
+            last = await sync_to_async(store.last_event)(key)
             if last is not None and last.seq <= after:
                 # The client has seen the end; 204 tells an EventSource to stop reconnecting.
                 return Reply(204, "")
@@ -160,9 +160,7 @@ class StreamingApp:
         return await asyncio.shield(lookup)
 
     async def _status(self, task) -> "Reply":
-        key = task_key(type(task), task.pk)
-        label, _, pk = key.partition(":")
-        last = await sync_to_async(store.last_event)(label, pk)
+        last = await sync_to_async(store.last_event)(TaskKey.of(task))
         body = {
             "id": task.pk,
             "model": type(task).stream_name(),
@@ -193,7 +191,7 @@ class StreamingApp:
         watcher = asyncio.create_task(watch_disconnect())
         send_timeout = self.node.settings.CLIENT_SEND_TIMEOUT
         try:
-            async with contextlib.aclosing(self.node.broker.subscribe(key, after)) as chunks:
+            async with contextlib.aclosing(self.node.hub.subscribe(key, after)) as chunks:
                 async for chunk in chunks:
                     try:
                         async with asyncio.timeout(send_timeout):

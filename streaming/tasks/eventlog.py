@@ -5,8 +5,9 @@ import logging
 
 from asgiref.sync import sync_to_async
 
+from ..events import Event
+from ..keys import TaskKey
 from . import store
-from .events import Event
 
 logger = logging.getLogger(__name__)
 
@@ -15,13 +16,13 @@ class EventLog:
     def __init__(self, flush_interval: float, batch_size: int):
         self.flush_interval = flush_interval
         self.batch_size = batch_size
-        self._pending: list[tuple[str, str, Event]] = []
+        self._pending: list[tuple[TaskKey, Event]] = []
         self._lock = asyncio.Lock()
         self._full = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    def append(self, task_type: str, task_id: str, event: Event) -> None:
-        self._pending.append((task_type, task_id, event))
+    def append(self, key: TaskKey, event: Event) -> None:
+        self._pending.append((key, event))
         if len(self._pending) >= self.batch_size:
             self._full.set()
 
@@ -42,13 +43,13 @@ class EventLog:
                 self._pending[:0] = batch[written:]
                 raise
 
-    async def read(self, task_type: str, task_id: str, after: int, limit: int) -> list[Event]:
+    async def read(self, key: TaskKey, after: int, limit: int) -> list[Event]:
         await self.flush()
-        return await sync_to_async(store.read_events)(task_type, task_id, after, limit)
+        return await sync_to_async(store.read_events)(key, after, limit)
 
-    async def last(self, task_type: str, task_id: str) -> Event | None:
+    async def last(self, key: TaskKey) -> Event | None:
         await self.flush()
-        return await sync_to_async(store.last_event)(task_type, task_id)
+        return await sync_to_async(store.last_event)(key)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="streaming-eventlog")

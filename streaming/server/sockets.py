@@ -11,7 +11,7 @@ import asyncio
 import logging
 from http import HTTPStatus
 
-from .http import Reply, StreamingApp, reply_headers
+from ..web.app import Reply, StreamingApp, reply_headers
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class SocketStream(asyncio.Protocol):
             return
         key, after = opened
         self.transport.write(STREAM_HEAD)
-        self._broker = self._app.node.broker
+        self._broker = self._app.node.hub
         self.subscriber = self._broker.attach(key, after, self)
 
     # -- asyncio.Protocol ----------------------------------------------------

@@ -1,0 +1,1 @@
+"""Local fanout: per-task channels, cursors, coalesced writes, catch-up, keep-alives."""

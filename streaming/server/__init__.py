@@ -1,0 +1,1 @@
+"""runserver_stream's server: uvicorn parses requests, streams take their sockets over."""

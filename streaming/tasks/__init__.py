@@ -1,0 +1,2 @@
+"""Running tasks: the registry of task models, the store (all SQL), the event-log
+writer, one run of a task, the runner, and how runners are woken."""
