@@ -3,6 +3,9 @@
 Unset or ``memory://``: in-process (one process, the embedded default).
 ``redis://host:port/db`` (or ``rediss://``, ``unix://``): Redis, for many
 processes and machines (``pip install django-streaming-coordinator[redis]``).
+
+``base.Transport`` is the extension point for another engine; the modules
+that implement it are internal.
 """
 
 from typing import TYPE_CHECKING

@@ -1,1 +1,4 @@
-"""The HTTP face: the ASGI app (streams, /health, Django for the rest) and stream requests."""
+"""The HTTP face: the ASGI app (streams, /health, the project's app for the rest).
+
+Internal: a project builds the app with ``streaming.asgi.get_asgi_application()``.
+"""
