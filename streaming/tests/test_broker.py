@@ -432,7 +432,15 @@ class KeepaliveAndCloseTests(BrokerTestCase):
             self.broker.subscribe(other, 0),
         ]
         readers = [asyncio.create_task(self.read_to_end(s)) for s in subs]
-        await asyncio.sleep(0.01)
+
+        def all_caught_up():
+            channels = [self.broker._channels.get(k) for k in (KEY, other)]
+            live = [sub.live for channel in channels if channel for sub in channel.subs]
+            return len(live) == 3 and all(live)
+
+        async with asyncio.timeout(WAIT):
+            while not all_caught_up():  # each has had what there is to have
+                await asyncio.sleep(0.001)
         self.assertFalse(any(r.done() for r in readers))
         self.broker.close_subscriptions()
         results = await asyncio.gather(*readers)
