@@ -439,7 +439,7 @@ class KeepaliveAndCloseTests(BrokerTestCase):
             return len(live) == 3 and all(live)
 
         async with asyncio.timeout(WAIT):
-            while not all_caught_up():  # each has had what there is to have
+            while not all_caught_up():  # noqa: ASYNC110 - polls the hub's state; no event to wait on
                 await asyncio.sleep(0.001)
         self.assertFalse(any(r.done() for r in readers))
         self.broker.close_subscriptions()
