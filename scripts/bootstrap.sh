@@ -32,8 +32,8 @@ echo "==> installing locked dependencies"
 "$VENV/bin/python" scripts/lock_requirements.py > "$VENV/requirements.lock.txt"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
   --require-hashes -r "$VENV/requirements.lock.txt"
-if [ "$VENV" = ".venv" ]; then
-  # poetry now finds every locked package in place and adds the project itself.
-  poetry install --quiet
-fi
+# poetry now finds every locked package in place and adds the project itself
+# (every extra and the dev group, as CI tests them); VIRTUAL_ENV points it at
+# $VENV rather than the project's .venv.
+VIRTUAL_ENV="$(cd "$VENV" && pwd)" poetry install --all-extras --quiet
 echo "==> ready: $VENV ($("$VENV/bin/python" --version))"
