@@ -65,6 +65,7 @@ class Server:
         env.pop("STREAMING_BROKER_URL", None)
         if broker_url:
             env["STREAMING_BROKER_URL"] = broker_url
+        streaming.setdefault("shutdown_grace", 0)  # stop at once, whatever still runs
         for key, value in streaming.items():
             env[f"STREAMING_{key.upper()}"] = str(value)
         self.log = open(BENCH_DIR / f"server-{self.port}.log", "w")  # noqa: SIM115

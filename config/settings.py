@@ -99,6 +99,11 @@ def _env_float(name):
     return float(value) if value else None
 
 
+def _env_bool(name):
+    value = os.environ.get(name)
+    return value.strip().lower() in ("1", "true", "yes", "on") if value else None
+
+
 STREAMING = {
     key: value
     for key, value in {
@@ -108,6 +113,7 @@ STREAMING = {
         "KEEPALIVE_INTERVAL": _env_float("STREAMING_KEEPALIVE_INTERVAL"),
         "CLIENT_SEND_TIMEOUT": _env_float("STREAMING_CLIENT_SEND_TIMEOUT"),
         "SHUTDOWN_GRACE": _env_float("STREAMING_SHUTDOWN_GRACE"),
+        "RUN_TASKS": _env_bool("STREAMING_RUN_TASKS"),
     }.items()
     if value is not None
 }

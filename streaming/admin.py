@@ -1,9 +1,11 @@
 """Admin for streamable models: status at a glance, event history on the page."""
 
 from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
-from .models import TaskEvent
+from .models import StreamTask, TaskEvent
 
 TASK_FIELDS = (
     "status",
@@ -26,7 +28,7 @@ class StreamTaskAdmin(admin.ModelAdmin):
     readonly_fields = (*TASK_FIELDS, "event_history")
     actions = ["cancel_selected"]
 
-    def event_history(self, task):
+    def event_history(self, task: StreamTask) -> str:
         events = TaskEvent.objects.filter(task_type=task._meta.label_lower, task_id=str(task.pk)).order_by(
             "seq"
         )[:500]
@@ -42,7 +44,7 @@ class StreamTaskAdmin(admin.ModelAdmin):
         )
 
     @admin.action(description="Cancel selected tasks")
-    def cancel_selected(self, request, queryset):
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[StreamTask]) -> None:
         for task in queryset:
             task.cancel()
         self.message_user(request, f"Cancellation requested for {queryset.count()} task(s)")

@@ -35,9 +35,11 @@ class StreamingSettings:
     MAX_CHUNK_BYTES: int = 256 * 1024
     # Default poll interval of StreamTask.wait_until().
     WAIT_POLL_INTERVAL: float = 0.5
-    # On shutdown, running tasks get this long to finish before they are
-    # interrupted (and retried or failed by their recovery policy).
-    SHUTDOWN_GRACE: float = 0.0
+    # On shutdown (SIGTERM, Ctrl+C), running tasks get this long to finish
+    # before they are interrupted (and retried or failed by their recovery
+    # policy). 25 s fits Kubernetes' default 30 s before SIGKILL; a second
+    # SIGTERM or Ctrl+C ends the wait at once.
+    SHUTDOWN_GRACE: float = 25.0
     # Whether this server also runs tasks (False: it only serves streams).
     RUN_TASKS: bool = True
     # Redis broker: entries kept per task stream (approximate cap), and how
@@ -58,5 +60,5 @@ def get_settings() -> StreamingSettings:
     return replace(StreamingSettings(), **given)
 
 
-def reset_settings_cache(**_kwargs):
+def reset_settings_cache(**_kwargs: object) -> None:
     get_settings.cache_clear()

@@ -8,6 +8,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 
@@ -31,14 +32,14 @@ class Event:
     payload: str  # the JSON text of the data: line
     sse: bytes = field(init=False, repr=False, compare=False)  # encoded once, sent to all
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "sse", encode_sse(self.seq, self.type, self.payload))
 
     @property
     def terminal(self) -> bool:
         return self.type in TERMINAL_TYPES
 
-    def data(self) -> dict:
+    def data(self) -> dict[str, Any]:
         return json.loads(self.payload)
 
 
@@ -51,7 +52,7 @@ def retry_hint(milliseconds: int) -> bytes:
     return f"retry: {milliseconds}\n\n".encode()
 
 
-def validate_event_type(event_type) -> str:
+def validate_event_type(event_type: object) -> str:
     if not isinstance(event_type, str) or not _EVENT_TYPE.fullmatch(event_type):
         raise ValueError(
             f"Event type must be 1-64 characters of letters, digits and _.:- ; got {event_type!r}"
@@ -59,7 +60,9 @@ def validate_event_type(event_type) -> str:
     return event_type
 
 
-def build_payload(data, *, task_id, model_name: str, timestamp: datetime | None = None) -> str:
+def build_payload(
+    data: dict[str, Any] | None, *, task_id: object, model_name: str, timestamp: datetime | None = None
+) -> str:
     """The data: JSON: the task's fields, then _task_id, _model and _timestamp."""
     if data is None:
         data = {}
@@ -77,7 +80,7 @@ def build_payload(data, *, task_id, model_name: str, timestamp: datetime | None 
         raise TypeError(f"Event data is not JSON serializable: {exc}") from None
 
 
-def to_json_value(value):
+def to_json_value(value: object) -> Any:
     """A task's return value as it will be stored (JSON round trip), or TypeError."""
     try:
         return json.loads(json.dumps(value, cls=DjangoJSONEncoder, allow_nan=False))

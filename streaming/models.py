@@ -8,7 +8,7 @@ finds ``myapp.models.Report`` (see ``__getattr__`` below).
 import asyncio
 import inspect
 from collections.abc import AsyncIterable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from asgiref.sync import sync_to_async
 from django.db import models, transaction
@@ -71,6 +71,11 @@ class StreamTask(models.Model):
 
     _stream_run: "TaskRun | None" = None  # set by the runner while process() runs
 
+    if TYPE_CHECKING:
+        # Django gives every concrete task model its ``objects``; django-stubs
+        # adds none to an abstract model, whose methods use it all the same.
+        objects: ClassVar[models.Manager[Self]]
+
     class Meta:
         abstract = True
 
@@ -103,16 +108,16 @@ class StreamTask(models.Model):
                 count += 1
             return count
         iterator = iter(source)
-        done = object()
-        next_item = sync_to_async(next)  # the ORM thread: a generator may query
-        while (item := await next_item(iterator, done)) is not done:
-            await self.send_event(event_type, item)  # type: ignore[arg-type]
+        done: dict[str, Any] = {}  # a sentinel: no item is this very dict
+        next_item = sync_to_async(lambda: next(iterator, done))  # the ORM thread: a generator may query
+        while (item := await next_item()) is not done:
+            await self.send_event(event_type, item)
             count += 1
         return count
 
     async def wait_until(
         self,
-        predicate: Callable[[Any], Any],
+        predicate: Callable[[Self], Any],
         *,
         fields: list[str] | None = None,
         poll_interval: float | None = None,

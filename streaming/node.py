@@ -37,7 +37,7 @@ class Node:
             else None
         )
         self.transport.bind(self.hub, on_wake=self._wake_local_runner)
-        self._stopped: asyncio.Future | None = None
+        self._stopped: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         global _current
@@ -67,6 +67,12 @@ class Node:
             if _current is self:
                 _current = None
             self._stopped.set_result(None)
+            logger.info("Streaming node stopped")
+
+    def hurry(self) -> None:
+        """A second stop signal: end the shutdown grace now (tasks are interrupted by their policy)."""
+        if self.runner is not None:
+            self.runner.hurry()
 
     async def __aenter__(self) -> "Node":
         await self.start()

@@ -14,12 +14,16 @@ from the event log, and joins the live set again once it has caught up.
 import asyncio
 import logging
 from bisect import bisect_right
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Iterator
+from typing import TYPE_CHECKING
 
 from ..events import KEEPALIVE, Event, retry_hint
 from ..keys import TaskKey
 from ..transports.base import History, Transport
 from .sinks import QueueSink, Sink
+
+if TYPE_CHECKING:
+    from ..conf import StreamingSettings
 
 RECONNECT_HINT_MS = 1000
 LOOKS_AT_ONCE = 4  # log queries for missed ends running together (the ORM has one thread)
@@ -41,12 +45,12 @@ class Subscriber:
 
     __slots__ = ("after", "channel", "closed", "key", "sink", "task")
 
-    def __init__(self, key: TaskKey, channel: "Channel", sink: Sink, after: int | None):
+    def __init__(self, key: TaskKey, channel: "Channel", sink: Sink) -> None:
         self.key = key
         self.channel = channel
         self.sink = sink
-        self.after = after
-        self.task: asyncio.Task | None = None  # catching up; None: live
+        self.after = 0  # placed by Hub._start(), before anything is written to the sink
+        self.task: asyncio.Task[None] | None = None  # catching up; None: live
         self.closed = False
 
     @property
@@ -59,7 +63,7 @@ class Channel:
 
     __slots__ = ("active_at", "checked_at", "events", "flush_pending", "looking", "seeded", "seeding", "subs")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.events: list[Event] = []
         self.subs: set[Subscriber] = set()
         self.flush_pending = False
@@ -69,7 +73,7 @@ class Channel:
         # Memory holds the log's recent events too (not only live ones), so
         # an empty list means "nothing yet", not "ask the log".
         self.seeded = False
-        self.seeding: asyncio.Future | None = None
+        self.seeding: asyncio.Future[None] | None = None
 
     @property
     def refs(self) -> int:
@@ -91,7 +95,7 @@ class Hub:
     Events published in other processes arrive through ``transport``.
     """
 
-    def __init__(self, *, transport: Transport, history: History, settings):
+    def __init__(self, *, transport: Transport, history: History, settings: "StreamingSettings") -> None:
         self._transport = transport
         self._history = history
         self._history_size = settings.HISTORY_SIZE
@@ -102,8 +106,8 @@ class Hub:
         self._watchers: dict[TaskKey, int] = {}  # key -> local subscribers (the transport's watch)
         self._publishing: set[TaskKey] = set()  # tasks a runner of this process is running
         self._closing = False
-        self._ticker: asyncio.Task | None = None
-        self._looks: set[asyncio.Task] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self._looks: set[asyncio.Task[None]] = set()
         self._look_slots = asyncio.Semaphore(LOOKS_AT_ONCE)
 
     async def stop(self) -> None:
@@ -242,12 +246,12 @@ class Hub:
         channel = self._channels.get(key)
         if channel is None:
             channel = self._channels[key] = Channel()
-        sub = Subscriber(key, channel, sink, after)
+        sub = Subscriber(key, channel, sink)
         channel.subs.add(sub)
         self._watch(key)
         if (self._ticker is None or self._ticker.done()) and not self._closing:
             self._ticker = asyncio.create_task(self._tick(), name="streaming-keepalive")
-        sub.task = asyncio.create_task(self._start(sub), name=f"streaming-subscribe:{key}")
+        sub.task = asyncio.create_task(self._start(sub, after), name=f"streaming-subscribe:{key}")
         return sub
 
     def detach(self, sub: Subscriber) -> None:
@@ -281,7 +285,7 @@ class Hub:
         if channel is not None and not channel.subs and key not in self._publishing:
             del self._channels[key]  # nothing feeds it any more
 
-    async def subscribe(self, key: TaskKey, after: int | None) -> AsyncIterator[bytes]:
+    async def subscribe(self, key: TaskKey, after: int | None) -> AsyncGenerator[bytes, None]:
         """The stream as an async iterator of byte chunks (the ASGI path, tests).
 
         Its sink holds one chunk: a consumer that does not take it falls
@@ -315,7 +319,7 @@ class Hub:
         catch_up = self._catch_up(sub, drain_first=True)
         sub.task = asyncio.create_task(catch_up, name=f"streaming-catch-up:{sub.key}")
 
-    async def _start(self, sub: Subscriber) -> None:
+    async def _start(self, sub: Subscriber, after: int | None) -> None:
         channel = sub.channel
         try:
             if self._closing:
@@ -323,10 +327,12 @@ class Hub:
             await self._transport.ready(sub.key)
             await self._seed(channel, sub.key)
             latest = channel.events[-1] if channel.events else None
-            if sub.after is None:  # the seed's rule: the latest event at once, then the rest
+            if after is None:  # the seed's rule: the latest event at once, then the rest
                 sub.after = latest.seq - 1 if latest else 0
-            elif _ended_by(latest, sub.after):
+            elif _ended_by(latest, after):
                 return self._end(sub)  # the client has seen the end already
+            else:
+                sub.after = after
         except Exception:
             logger.exception("Starting a stream of %s failed", sub.key)
             return self._end(sub, hint=True)
@@ -450,7 +456,7 @@ class Hub:
             return None
         return events[bisect_right(events, after, key=_seq) :]
 
-    def _pieces(self, batch: list[Event]):
+    def _pieces(self, batch: list[Event]) -> Iterator[tuple[bytes, int, bool]]:
         """``batch`` as chunks of at most MAX_CHUNK_BYTES (an event is never split),
         each with its last seq and whether it ends the stream."""
         parts: list[bytes] = []

@@ -26,12 +26,12 @@ class QueueSink:
 
     __slots__ = ("_ready", "_space", "chunks", "ended", "paused")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.paused = False
         self.ended = False
-        self._ready: asyncio.Future | None = None
-        self._space: asyncio.Future | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._space: asyncio.Future[None] | None = None
 
     def write(self, data: bytes) -> None:
         self.chunks.append(data)

@@ -1,5 +1,6 @@
 """uvicorn's httptools protocol, with a way out for stream requests (the socket takeover)."""
 
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import httptools
@@ -7,6 +8,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..web.app import ABORT_EXTENSION, StreamingApp
 from .sockets import SocketStream
+
+if TYPE_CHECKING:
+    from httptools.parser.url_parser import URL
 
 
 class StreamingHttpProtocol(HttpToolsProtocol):
@@ -23,7 +27,9 @@ class StreamingHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {ABORT_EXTENSION: self.transport.abort}
+        # uvicorn types an extension's value as a dict (the ASGI spec's shape); this
+        # one is the abort callable itself, which web/app.py calls.
+        self.scope["extensions"] = {ABORT_EXTENSION: self.transport.abort}  # type: ignore[dict-item]
 
     def on_headers_complete(self) -> None:
         if self.taken_over:
@@ -39,7 +45,7 @@ class StreamingHttpProtocol(HttpToolsProtocol):
         else:
             super().on_headers_complete()
 
-    def _take_over(self, url) -> None:
+    def _take_over(self, url: "URL") -> None:
         self.taken_over = True
         self.connections.discard(self)
         self._unset_keepalive_if_required()

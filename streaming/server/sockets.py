@@ -9,9 +9,14 @@ no ASGI cycle, no coroutine, no task, no timer.
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 from ..web.app import Reply, StreamingApp, reply_headers
+
+if TYPE_CHECKING:
+    from ..fanout.hub import Hub, Subscriber
 
 logger = logging.getLogger(__name__)
 
@@ -45,19 +50,21 @@ class SocketStream(asyncio.Protocol):
     def __init__(self, transport: asyncio.Transport, app: StreamingApp):
         self.transport = transport
         self.paused = False
-        self.subscriber = None
+        self.subscriber: Subscriber | None = None
         self._app = app
-        self._broker = None
+        self._broker: Hub | None = None
         self._closer: asyncio.TimerHandle | None = None
-        self._drained: asyncio.Future | None = None
-        self._opening: asyncio.Task | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._opening: asyncio.Task[None] | None = None
 
-    def open(self, method: str, path: str, query_string: bytes, headers) -> None:
+    def open(self, method: str, path: str, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]) -> None:
         self._opening = asyncio.get_running_loop().create_task(
             self._open(method, path, query_string, headers), name="streaming-open"
         )
 
-    async def _open(self, method, path, query_string, headers) -> None:
+    async def _open(
+        self, method: str, path: str, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
+    ) -> None:
         try:
             opened = await self._app.open_stream(method, path, query_string, headers)
         except Exception:
@@ -73,6 +80,7 @@ class SocketStream(asyncio.Protocol):
             return
         key, after = opened
         self.transport.write(STREAM_HEAD)
+        assert self._app.node is not None  # open_stream() gave a key: the node runs (and is never unset)
         self._broker = self._app.node.hub
         self.subscriber = self._broker.attach(key, after, self)
 
@@ -92,12 +100,13 @@ class SocketStream(asyncio.Protocol):
         self.paused = False
         self._wake_drain()
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         if self._closer is not None:
             self._closer.cancel()
         if self._opening is not None:
             self._opening.cancel()
         if self.subscriber is not None:
+            assert self._broker is not None  # set together with the subscriber
             self._broker.detach(self.subscriber)
             self.subscriber = None
         self._wake_drain()
@@ -119,7 +128,8 @@ class SocketStream(asyncio.Protocol):
         self.transport.close()  # after what is buffered has been sent...
         if self._closer is None:
             # ...unless the client stops reading: cut it off as a stalled stream is.
-            timeout = self._broker.send_timeout  # end() comes from the broker, after attach
+            assert self._broker is not None  # end() comes from the broker, after attach
+            timeout = self._broker.send_timeout
             self._closer = asyncio.get_running_loop().call_later(timeout, self.transport.abort)
 
     def abort(self) -> None:

@@ -1,37 +1,46 @@
-"""runserver_stream --workers N: one socket, N worker processes, restarted if they die."""
+"""Process supervisors of runserver_stream: --workers N (one socket, N worker
+processes, restarted if they die) and --reload (a server process, restarted
+when code changes)."""
 
+import functools
 import logging
 import multiprocessing
 import os
 import signal
 import time
+from types import FrameType
 
+import uvicorn
+from django.conf import settings
+from uvicorn.supervisors import ChangeReload
+
+from ..conf import get_settings
 from .serve import make_config
-from .worker import run_worker
+from .worker import run_reloaded, run_worker
 
 logger = logging.getLogger(__name__)
 
 
-def serve_workers(workers: int, *, host, port, uds, log_level) -> None:
+def serve_workers(workers: int, *, host: str, port: int, uds: str | None, log_level: str) -> None:
     """Bind once, run ``workers`` processes on the socket, restart any that dies."""
     config = make_config(None, host=host, port=port, uds=uds, log_level=log_level)
     sock = config.bind_socket()
     context = multiprocessing.get_context("spawn")
     stopping = False
 
-    def start():
+    def start() -> "multiprocessing.context.SpawnProcess":
         process = context.Process(target=run_worker, args=(sock, log_level), daemon=False)
         process.start()
         return process
 
-    def stop(signum, frame):
+    def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
-        # SIGTERM whatever came: a Ctrl+C reaches the workers from the
-        # terminal too, and a second SIGINT would make uvicorn force-quit.
+        # SIGTERM whatever came (the workers ignore the terminal's Ctrl+C):
+        # the first ends them gracefully, a second ends their grace at once.
         for process in processes:
             if process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
+                os.kill(process.pid, signal.SIGTERM)  # type: ignore[arg-type]  # alive, so it has a pid
 
     processes = [start() for _ in range(workers)]
     signal.signal(signal.SIGINT, stop)
@@ -43,5 +52,29 @@ def serve_workers(workers: int, *, host, port, uds, log_level) -> None:
                 processes[i] = start()
         time.sleep(0.5)
     for process in processes:
-        process.join(30)
+        process.join(get_settings().SHUTDOWN_GRACE + 30)
     sock.close()
+
+
+def serve_reloading(
+    *, host: str, port: int, uds: str | None, log_level: str, reload_dirs: list[str] | None = None
+) -> None:
+    """runserver_stream --reload: a server process, restarted when a watched ``*.py`` changes.
+
+    uvicorn's reloader binds the socket once and runs each server in a fresh
+    process (``worker.run_reloaded``): the same socket takeover and node as
+    without --reload. A restart does not wait for running tasks (they are
+    interrupted by their recovery policy at once, as by a second Ctrl+C).
+    """
+    module_path, _, attr = settings.ASGI_APPLICATION.rpartition(".")
+    config = uvicorn.Config(
+        f"{module_path}:{attr}",  # only what the reloader needs: each process loads the app itself
+        host=host,
+        port=port,
+        uds=uds,
+        log_level=log_level,
+        reload=True,
+        reload_dirs=reload_dirs or None,
+    )
+    sock = config.bind_socket()
+    ChangeReload(config, target=functools.partial(run_reloaded, log_level=log_level), sockets=[sock]).run()

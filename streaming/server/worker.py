@@ -1,6 +1,6 @@
-"""Entry point of a ``runserver_stream --workers N`` process.
+"""Entry points of the processes runserver_stream spawns (--workers N, --reload).
 
-Kept free of model imports: a spawned worker unpickles its target before
+Kept free of model imports: a spawned process unpickles its target before
 Django is set up, so the setup must come first, here.
 """
 
@@ -8,9 +8,20 @@ import socket
 
 
 def run_worker(sock: socket.socket, log_level: str) -> None:
+    """A --workers process: its supervisor forwards Ctrl+C as SIGTERM."""
     import django
 
     django.setup()
     from .serve import serve
 
-    serve(host=None, port=None, uds=None, log_level=log_level, sockets=[sock])
+    serve(host=None, port=None, uds=None, log_level=log_level, sockets=[sock], worker=True)
+
+
+def run_reloaded(sockets: list[socket.socket], *, log_level: str) -> None:
+    """A --reload server process (uvicorn's reloader calls it ``target(sockets=...)``)."""
+    import django
+
+    django.setup()
+    from .serve import serve
+
+    serve(host=None, port=None, uds=None, log_level=log_level, sockets=sockets, reloading=True)

@@ -13,13 +13,13 @@ logger = logging.getLogger(__name__)
 
 
 class EventLog:
-    def __init__(self, flush_interval: float, batch_size: int):
+    def __init__(self, flush_interval: float, batch_size: int) -> None:
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self._pending: list[tuple[TaskKey, Event]] = []
         self._lock = asyncio.Lock()
         self._full = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def append(self, key: TaskKey, event: Event) -> None:
         self._pending.append((key, event))

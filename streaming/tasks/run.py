@@ -1,7 +1,7 @@
 """One run of one task: its event numbering, its sending, its end, its wake-ups."""
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 
@@ -26,19 +26,19 @@ class TaskRun:
         self.reserved_to = claim.reserved_to
         self.cancel_requested = False
         self.lease_lost = False
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
         self._reserve_lock = asyncio.Lock()
         self._row_changed = asyncio.Event()
         self._terminal: Event | None = None
 
-    async def send(self, event_type: str, data) -> Event:
+    async def send(self, event_type: str, data: dict[str, Any] | None) -> Event:
         event = await self.number(event_type, data)
         await self.runner.hub.publish(self.key, event)
         if self.model.persist_events:
             self.runner.eventlog.append(self.key, event)
         return event
 
-    async def number(self, event_type: str, data) -> Event:
+    async def number(self, event_type: str, data: dict[str, Any] | None) -> Event:
         """The next event of this task, numbered and encoded but not yet sent."""
         if self.next_seq > self.reserved_to:
             async with self._reserve_lock:
@@ -60,7 +60,7 @@ class TaskRun:
             build_payload(data, task_id=self.pk, model_name=self.model.stream_name()),
         )
 
-    async def end(self, status: str, event_type: str, data, **fields) -> bool:
+    async def end(self, status: str, event_type: str, data: dict[str, Any] | None, **fields: Any) -> bool:
         """Write the terminal event with the row's final state, then announce it.
 
         Durable first: a client arriving at any moment finds the end either

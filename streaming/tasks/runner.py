@@ -4,6 +4,7 @@ import asyncio
 import logging
 import time
 import traceback
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 
@@ -14,11 +15,27 @@ from . import store, wake
 from .registry import stream_models
 from .run import TaskRun
 
+if TYPE_CHECKING:
+    from ..conf import StreamingSettings
+    from ..fanout.hub import Hub
+    from ..transports.base import Transport
+    from .eventlog import EventLog
+
 logger = logging.getLogger(__name__)
+
+LOG_WAIT_EVERY = 5.0  # seconds between "still waiting for ..." lines of a graceful shutdown
 
 
 class Runner:
-    def __init__(self, *, hub, transport, eventlog, settings, owner: str | None = None):
+    def __init__(
+        self,
+        *,
+        hub: "Hub",
+        transport: "Transport",
+        eventlog: "EventLog",
+        settings: "StreamingSettings",
+        owner: str | None = None,
+    ) -> None:
         self.hub = hub
         self.transport = transport
         self.eventlog = eventlog
@@ -27,8 +44,9 @@ class Runner:
         self.runs: dict[TaskKey, TaskRun] = {}
         self._wake = asyncio.Event()
         self._stopping = False
-        self._loop_task: asyncio.Task | None = None
-        self._watch_task: asyncio.Task | None = None
+        self._hurry = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._step_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -70,8 +88,8 @@ class Runner:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
         tasks = [run.task for run in self.runs.values() if run.task]
-        if tasks and grace > 0:
-            await asyncio.wait(tasks, timeout=grace)  # leases stay renewed meanwhile
+        if tasks and grace > 0 and not self._hurry.is_set():
+            await self._wait_for_runs(tasks, grace)  # leases stay renewed meanwhile
         for run in list(self.runs.values()):
             if run.task and not run.task.done():
                 run.task.cancel()
@@ -79,6 +97,44 @@ class Runner:
         if self._loop_task:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+
+    def hurry(self) -> None:
+        """End the shutdown grace at once: running tasks are interrupted now (a second signal)."""
+        self._hurry.set()
+
+    async def _wait_for_runs(self, tasks: list[asyncio.Task], grace: float) -> None:
+        """Wait up to ``grace`` s for ``tasks`` to end (unless hurried), saying what is awaited."""
+        deadline = time.monotonic() + grace
+        all_done = asyncio.ensure_future(asyncio.wait(tasks))
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        try:
+            while not all_done.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    logger.warning("Shutdown grace (%g s) is over: interrupting %s", grace, self._names())
+                    return
+                logger.warning(
+                    "Shutting down: waiting up to %.0f s for %s to finish "
+                    "(Ctrl+C or SIGTERM again interrupts them now, by their recovery policy)",
+                    left,
+                    self._names(),
+                )
+                done, _ = await asyncio.wait(
+                    [all_done, hurried],
+                    timeout=min(left, LOG_WAIT_EVERY),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if hurried in done:
+                    logger.warning("Shutdown hurried: interrupting %s now", self._names())
+                    return
+        finally:
+            all_done.cancel()
+            hurried.cancel()
+
+    def _names(self) -> str:
+        keys = [str(key) for key, run in self.runs.items() if run.task and not run.task.done()]
+        shown = ", ".join(keys[:5])
+        return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "") if keys else "nothing"
 
     async def _main(self) -> None:
         settings = self.settings
@@ -118,8 +174,8 @@ class Runner:
             self.runs[run.key] = run
             run.task = asyncio.create_task(self._execute(run), name=f"streaming-task {run.key}")
 
-    def _running_by_model(self) -> dict:
-        running: dict = {}
+    def _running_by_model(self) -> store.Running:
+        running: store.Running = {}
         for run in self.runs.values():
             running.setdefault(run.model, []).append(run.pk)
         return running
@@ -151,7 +207,8 @@ class Runner:
                 self.wake()
             else:
                 logger.warning("Recovered %s: its server died; failed by its policy", key)
-                await self.hub.publish(key, item.event)
+                if item.event is not None:  # always, for a task that was failed
+                    await self.hub.publish(key, item.event)
 
     # -- one task -------------------------------------------------------------------
 
@@ -213,7 +270,9 @@ class Runner:
             try:
                 await asyncio.shield(finishing)
             except asyncio.CancelledError:
-                asyncio.current_task().uncancel()
+                current = asyncio.current_task()
+                if current is not None:  # always: _execute() runs as a task
+                    current.uncancel()
                 await finishing
         except Exception:
             logger.exception("Ending task %s failed; its lease will expire", run.key)
@@ -221,7 +280,15 @@ class Runner:
             self.runs.pop(run.key, None)
             self.hub.run_stopped(run.key)
 
-    async def _end_durably(self, run, status, event_type, data, final_value, error_text) -> None:
+    async def _end_durably(
+        self,
+        run: TaskRun,
+        status: str,
+        event_type: str,
+        data: dict[str, Any],
+        final_value: Any,
+        error_text: str,
+    ) -> None:
         """run.end(), again and again while the database fails.
 
         The run stays in self.runs meanwhile, so its lease is renewed and no
@@ -252,7 +319,7 @@ class Runner:
         await run.end(Status.FAILED, ERROR, {"message": message, "type": "Interrupted"}, error=message)
 
 
-def _failure(run, exc: BaseException):
+def _failure(run: TaskRun, exc: BaseException) -> tuple[Status, str, dict[str, str], str]:
     logger.error("Task %s failed", run.key, exc_info=exc)
     data = {"message": str(exc) or type(exc).__name__, "type": type(exc).__name__}
     return Status.FAILED, ERROR, data, "".join(traceback.format_exception(exc))

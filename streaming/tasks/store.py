@@ -9,8 +9,10 @@ caller expects (status, lease owner), so two processes never both win.
 import os
 import socket
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from django.db import connection, transaction
 from django.db.models import F, Max
@@ -53,7 +55,7 @@ def owner_is_dead(owner: str | None, me: str) -> bool:
     return False
 
 
-def next_free_seq(model, pk, seq_reserved: int) -> int:
+def next_free_seq(model: type[StreamTask], pk: object, seq_reserved: int) -> int:
     key = TaskKey.of(model, pk)
     logged = TaskEvent.objects.filter(task_type=key.label, task_id=key.pk).aggregate(m=Max("seq"))["m"]
     return max(seq_reserved, logged or 0) + 1
@@ -69,7 +71,9 @@ class Claim:
     reserved_to: int
 
 
-def claim_pending(models, limit: int, owner: str, lease_seconds: float) -> list[Claim]:
+def claim_pending(
+    models: Iterable[type[StreamTask]], limit: int, owner: str, lease_seconds: float
+) -> list[Claim]:
     """Take up to ``limit`` pending tasks for ``owner``; each goes to one runner only.
 
     PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` hands concurrent
@@ -96,7 +100,7 @@ def claim_pending(models, limit: int, owner: str, lease_seconds: float) -> list[
     return claims
 
 
-def _take(model, pk, owner: str, lease_seconds: float) -> Claim | None:
+def _take(model: type[StreamTask], pk: object, owner: str, lease_seconds: float) -> Claim | None:
     now = timezone.now()
     won = model.objects.filter(pk=pk, status=Status.PENDING).update(
         status=Status.RUNNING,
@@ -114,16 +118,21 @@ def _take(model, pk, owner: str, lease_seconds: float) -> Claim | None:
     return Claim(instance, first, instance.seq_reserved)
 
 
-def reserve_seq(model, pk, owner: str, upto: int) -> bool:
+def reserve_seq(model: type[StreamTask], pk: object, owner: str, upto: int) -> bool:
     return bool(
         model.objects.filter(pk=pk, lease_owner=owner, seq_reserved__lt=upto).update(seq_reserved=upto)
     )
 
 
-def renew_leases(running: dict, owner: str, lease_seconds: float) -> list[tuple]:
+# {model: [pk, ...]}: a runner's running tasks, and (model, pk): one of them
+Running = dict[type[StreamTask], list[object]]
+TaskRef = tuple[type[StreamTask], object]
+
+
+def renew_leases(running: Running, owner: str, lease_seconds: float) -> list[TaskRef]:
     """Extend the leases of ``running`` ({model: [pk, ...]}); return (model, pk) lost."""
     expires = timezone.now() + timedelta(seconds=lease_seconds)
-    lost = []
+    lost: list[TaskRef] = []
     for model, pks in running.items():
         model.objects.filter(pk__in=pks, lease_owner=owner, status=Status.RUNNING).update(
             lease_expires_at=expires
@@ -137,8 +146,8 @@ def renew_leases(running: dict, owner: str, lease_seconds: float) -> list[tuple]
     return lost
 
 
-def cancel_requests(running: dict, owner: str) -> list[tuple]:
-    found = []
+def cancel_requests(running: Running, owner: str) -> list[TaskRef]:
+    found: list[TaskRef] = []
     for model, pks in running.items():
         found.extend(
             (model, pk)
@@ -149,7 +158,9 @@ def cancel_requests(running: dict, owner: str) -> list[tuple]:
     return found
 
 
-def finish(model, pk, owner: str, status: str, terminal: Event | None, **fields) -> bool:
+def finish(
+    model: type[StreamTask], pk: object, owner: str, status: str, terminal: Event | None, **fields: Any
+) -> bool:
     """End a run: the row's final state and its terminal event, atomically."""
     with transaction.atomic():
         won = model.objects.filter(pk=pk, lease_owner=owner).update(
@@ -166,16 +177,16 @@ def finish(model, pk, owner: str, status: str, terminal: Event | None, **fields)
 
 @dataclass
 class Recovered:
-    model: type
+    model: type[StreamTask]
     pk: object
     requeued: bool
     event: Event | None  # the error event written when the task was failed
 
 
-def recover_orphans(models, owner: str, lease_seconds: float) -> list[Recovered]:
+def recover_orphans(models: Iterable[type[StreamTask]], owner: str, lease_seconds: float) -> list[Recovered]:
     """Take up running tasks whose runner is gone, by each class's policy."""
     now = timezone.now()
-    recovered = []
+    recovered: list[Recovered] = []
     for model in models:
         rows = (
             model.objects.filter(status=Status.RUNNING)
@@ -252,6 +263,6 @@ def last_event(key: TaskKey) -> Event | None:
     return Event(*row) if row else None
 
 
-def delete_events(model: type[StreamTask], pks) -> int:
+def delete_events(model: type[StreamTask], pks: Iterable[object]) -> int:
     label = model._meta.label_lower
     return TaskEvent.objects.filter(task_type=label, task_id__in=[str(p) for p in pks]).delete()[0]

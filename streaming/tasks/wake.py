@@ -18,9 +18,10 @@ waits for: its row was saved in this process.
 
 import asyncio
 import logging
+import os
 import sqlite3
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from django.db import DatabaseError, connection
 
@@ -93,7 +94,7 @@ async def watch_database(wake: Callable[[], None], *, shared_transport: bool) ->
         await _listen_postgres(wake)
 
 
-async def _watch_sqlite(path: Any, wake: Callable[[], None]) -> None:
+async def _watch_sqlite(path: str | os.PathLike[str], wake: Callable[[], None]) -> None:
     """``PRAGMA data_version`` changes whenever another connection commits;
     reading it costs microseconds, so a 20 ms look replaces a query per model
     per poll as the way rows written by other processes are noticed."""

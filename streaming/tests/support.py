@@ -81,9 +81,12 @@ def manage(*args, timeout=60, **streaming) -> subprocess.CompletedProcess:
 class ServerProcess:
     """``manage.py runserver_stream`` on a free port, on the test database."""
 
-    def __init__(self, *, port=None, socket_path=None, workers=1, command=None, **streaming):
-        """``command``: run this instead (``{port}`` is filled in), e.g. another ASGI server."""
+    def __init__(self, *, port=None, socket_path=None, workers=1, command=None, env=None, **streaming):
+        """``command``: run this instead (``{port}`` is filled in), e.g. another ASGI server;
+        ``env``: more environment variables (e.g. DJANGO_SETTINGS_MODULE)."""
         streaming.setdefault("poll_interval", 0.05)
+        streaming.setdefault("shutdown_grace", 0)  # the default (25 s) would slow every stop down
+        self.env = env or {}
         self.port = port or free_port()
         self.socket_path = socket_path
         self.workers = workers
@@ -110,7 +113,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             command,
             cwd=REPO,
-            env=subprocess_env(**self.streaming),
+            env={**subprocess_env(**self.streaming), **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

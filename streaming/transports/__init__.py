@@ -8,7 +8,7 @@ processes and machines (``pip install django-streaming-coordinator[redis]``).
 that implement it are internal.
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 from .base import History, Receiver, Transport
 
@@ -33,9 +33,9 @@ def create_transport(url: str | None, settings: "StreamingSettings") -> Transpor
     )
 
 
-def is_shared(url: str | None) -> bool:
+def is_shared(url: str | None) -> TypeGuard[str]:
     """Whether the transport reaches other processes (so --workers makes sense)."""
-    return bool(url) and not url.startswith("memory://")  # type: ignore[union-attr]
+    return bool(url and not url.startswith("memory://"))
 
 
 def wake_from_outside(url: str) -> None:

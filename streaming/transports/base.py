@@ -42,6 +42,8 @@ class Receiver(Protocol):
 
 class Transport(ABC):
     shared: ClassVar[bool] = False  # reaches other processes (so --workers makes sense)
+    receiver: Receiver  # set by bind()
+    on_wake: Callable[[], None]  # set by bind()
 
     def bind(self, receiver: Receiver, on_wake: Callable[[], None]) -> None:
         """Where remote events go, and what a wake-up calls (thread-safe callable)."""

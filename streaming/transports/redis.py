@@ -16,6 +16,8 @@
 
 import asyncio
 import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
 try:
     import redis
@@ -30,6 +32,11 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from ..events import Event
 from ..keys import TaskKey
 from .base import History, Transport
+
+if TYPE_CHECKING:
+    from redis.typing import KeyT, StreamIdT
+
+    from ..conf import StreamingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +59,14 @@ def wake_from_outside(url: str) -> None:
         logger.warning("Could not wake the runners through Redis (%s); they poll", exc)
 
 
-def _event(entry_id: bytes, fields: dict) -> Event:
+# Our clients keep redis-py's defaults: replies are bytes, in RESP2's shapes
+# (legacy_responses). redis-py's annotations cover every setting (decoded str,
+# RESP3 dicts), so replies are narrowed to these with cast().
+Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry: (b"<seq>-0", {b"t": type, b"p": payload})
+XReadReply = list[tuple[bytes, list[Entry]]] | None  # [(stream name, entries), ...]
+
+
+def _event(entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
     return Event(int(entry_id.split(b"-", 1)[0]), fields[b"t"].decode(), fields[b"p"].decode())
 
 
@@ -65,7 +79,9 @@ class RedisHistory:
 
     async def read(self, key: TaskKey, after: int, limit: int) -> list[Event]:
         name = stream_name(key)
-        entries = await self._transport.redis.xrange(name, f"({after}-0", "+", count=limit)
+        entries = cast(
+            "list[Entry]", await self._transport.redis.xrange(name, f"({after}-0", "+", count=limit)
+        )
         recent = [_event(i, f) for i, f in entries]
         if recent and recent[0].seq == after + 1:
             return recent
@@ -77,7 +93,9 @@ class RedisHistory:
         return (logged + recent)[:limit]
 
     async def last(self, key: TaskKey) -> Event | None:
-        entries = await self._transport.redis.xrevrange(stream_name(key), "+", "-", count=1)
+        entries = cast(
+            "list[Entry]", await self._transport.redis.xrevrange(stream_name(key), "+", "-", count=1)
+        )
         if entries:
             return _event(*entries[0])
         return await self._log.last(key)
@@ -86,7 +104,7 @@ class RedisHistory:
 class RedisTransport(Transport):
     shared = True
 
-    def __init__(self, url: str, *, settings):
+    def __init__(self, url: str, *, settings: "StreamingSettings") -> None:
         self.url = url
         self._maxlen = settings.REDIS_STREAM_MAXLEN
         self._ttl = int(settings.REDIS_STREAM_TTL)
@@ -103,7 +121,7 @@ class RedisTransport(Transport):
         self._watch_changed = asyncio.Event()
         self._outbox: list[tuple[TaskKey, Event]] = []
         self._outbox_ready = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -155,7 +173,7 @@ class RedisTransport(Transport):
                 await asyncio.sleep(0.5)
                 self._outbox_ready.set()
 
-    async def _xadd(self, batch) -> None:
+    async def _xadd(self, batch: Iterable[tuple[TaskKey, Event]]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for key, event in batch:
                 name = stream_name(key)
@@ -214,7 +232,7 @@ class RedisTransport(Transport):
         if key not in self._cursors:
             # Read from the stream's current end: what came before reaches the
             # subscriber through its history read.
-            top = await self.redis.xrevrange(stream_name(key), "+", "-", count=1)
+            top = cast("list[Entry]", await self.redis.xrevrange(stream_name(key), "+", "-", count=1))
             # Another subscription of this key may have registered it meanwhile,
             # and the reader moved on from there: never move a cursor forward.
             if key in self._watched and key not in self._cursors:
@@ -239,9 +257,11 @@ class RedisTransport(Transport):
                 self._watch_changed.clear()
                 await self._watch_changed.wait()
                 continue
-            streams = {stream_name(key): cursor for key, cursor in self._cursors.items()}
+            streams: dict[KeyT, StreamIdT] = {
+                stream_name(key): cursor for key, cursor in self._cursors.items()
+            }
             try:
-                replies = await self._reader.xread(streams, count=1000, block=READ_BLOCK_MS)
+                replies = cast(XReadReply, await self._reader.xread(streams, count=1000, block=READ_BLOCK_MS))
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -257,6 +277,6 @@ class RedisTransport(Transport):
                     self._cursors[key] = entry_id
 
 
-def _log_failure(task: asyncio.Future) -> None:
+def _log_failure(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.warning("Redis wake-up failed: %s", task.exception())

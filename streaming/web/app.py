@@ -10,7 +10,12 @@ import contextlib
 import json
 import logging
 import re
+import sys
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from asgiref.sync import sync_to_async
@@ -20,6 +25,10 @@ from ..keys import TaskKey
 from ..node import Node
 from ..tasks import store
 from ..tasks.registry import UnknownModel, resolve_model
+
+if TYPE_CHECKING:
+    from ..asgi import ASGIApp, Receive, Send  # at run time asgi imports this module
+    from ..models import StreamTask
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +50,12 @@ class Reply:
     status: int
     body: str
     content_type: bytes = b"text/plain; charset=utf-8"
-    headers: tuple = ()
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+# Every StreamingApp built in this process, for runserver_stream to find the
+# one inside an ASGI_APPLICATION that wraps it (middleware, a router).
+built: "weakref.WeakSet[StreamingApp]" = weakref.WeakSet()
 
 
 class BadRequest(Exception):
@@ -53,16 +67,40 @@ class NotFound(Exception):
 
 
 class StreamingApp:
-    def __init__(self, django_app=None, *, node_factory=Node):
+    """The ASGI app: ``/stream/...`` and ``/health`` here, everything else to ``django_app``.
+
+    ``django_app`` is whatever the project serves otherwise: Django's
+    ASGIHandler, or the project's own ASGI app (a Channels router, an app
+    wrapped in middleware); it gets no lifespan events.
+
+    The node (runner, hub, transport) starts with the ASGI lifespan, or,
+    under a server that sends none (daphne), with the first request of any
+    kind, a health check included. ``start()`` is idempotent, so a server
+    that starts the node itself (runserver_stream) and a lifespan that also
+    arrives are both fine.
+    """
+
+    def __init__(self, django_app: "ASGIApp | None" = None, *, node_factory: Callable[[], Node] = Node) -> None:
         self.django_app = django_app
         self.node_factory = node_factory
         self.node: Node | None = None
-        self._lookups: dict[tuple, asyncio.Future] = {}
+        self._lookups: dict[tuple[type[StreamTask], object], asyncio.Future[StreamTask | None]] = {}
+        self._starting: asyncio.Future[Node] | None = None
+        self._closed = False  # shut down: no request starts the node again
+        self._lifespan_seen = False
+        built.add(self)
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: dict[str, Any], receive: "Receive", send: "Send") -> None:
         kind = scope["type"]
         if kind == "lifespan":
             return await self._lifespan(receive, send)
+        if self.node is None and not self._closed:
+            try:
+                await self.start()  # no lifespan came (daphne): the first request starts the node
+            except Exception:
+                if kind == "http":
+                    return await _respond(send, Reply(503, "Streaming node failed to start\n"))
+                raise
         if kind == "http":
             path = scope["path"]
             if path == "/health":
@@ -78,17 +116,47 @@ class StreamingApp:
             return await _respond(send, Reply(404, f"Not found: {scope.get('path', '')}\n"))
         return await self.django_app(scope, receive, send)
 
-    # -- lifespan ---------------------------------------------------------------
+    # -- the node's life ------------------------------------------------------------
 
-    async def _lifespan(self, receive, send):
+    async def start(self) -> Node:
+        """Start the node once; concurrent callers share the start, a failed one is tried again."""
+        if self.node is not None:
+            return self.node
+        if self._closed:
+            raise RuntimeError("The streaming app was shut down")
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start_node())
+        starting = self._starting
+        try:
+            return await asyncio.shield(starting)
+        finally:
+            if starting.done() and (starting.cancelled() or starting.exception() is not None):
+                self._starting = None  # the next request tries again
+
+    async def _start_node(self) -> Node:
+        try:
+            node = self.node_factory()
+            await node.start()
+        except Exception:
+            logger.exception("Streaming node failed to start")
+            raise
+        self.node = node
+        try:
+            warn_about_topology(node)
+            if not self._lifespan_seen:
+                _stop_with_twisted(self)
+        except Exception:
+            logger.exception("Streaming node: a start-up step failed (the node runs)")
+        return node
+
+    async def _lifespan(self, receive: "Receive", send: "Send") -> None:
+        self._lifespan_seen = True
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    self.node = self.node_factory()
-                    await self.node.start()
+                    await self.start()
                 except Exception as exc:
-                    logger.exception("Streaming node failed to start")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
@@ -97,13 +165,23 @@ class StreamingApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def shutdown(self):
+    async def shutdown(self) -> None:
+        """Stop the node (once; callers share the stop). No request starts it again."""
+        self._closed = True
+        if self._starting is not None and not self._starting.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._starting)
         if self.node is not None:
             await self.node.stop()
 
+    def hurry(self) -> None:
+        """A second stop signal: running tasks are interrupted now instead of after the grace."""
+        if self.node is not None:
+            self.node.hurry()
+
     # -- /stream/... -----------------------------------------------------------------
 
-    async def _stream_endpoint(self, scope, receive, send):
+    async def _stream_endpoint(self, scope: dict[str, Any], receive: "Receive", send: "Send") -> None:
         opened = await self.open_stream(
             scope["method"], scope["path"], scope.get("query_string", b""), scope["headers"]
         )
@@ -111,7 +189,9 @@ class StreamingApp:
             return await _respond(send, opened)
         await self._stream(scope, receive, send, *opened)
 
-    async def open_stream(self, method: str, path: str, query_string: bytes, headers) -> "Reply | tuple":
+    async def open_stream(
+        self, method: str, path: str, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
+    ) -> "Reply | tuple[TaskKey, int | None]":
         """Answer a request for a stream: a ``Reply`` (an error, the JSON status,
         204), or ``(key, after)`` to start streaming. Shared by the ASGI path
         and server.py's direct socket path."""
@@ -119,10 +199,10 @@ class StreamingApp:
             return Reply(405, f"Method {method} not allowed; use GET\n", headers=((b"allow", b"GET"),))
         if self.node is None:
             return Reply(503, "Streaming node is not running\n")
-        headers = dict(headers)
-        wants_status = b"application/json" in headers.get(b"accept", b"")
+        header_map = dict(headers)
+        wants_status = b"application/json" in header_map.get(b"accept", b"")
         try:
-            model, pk, after = _parse(path, query_string, headers)
+            model, pk, after = _parse(path, query_string, header_map)
             # A status is read fresh; a stream can share a lookup in flight.
             task = await (model.objects.filter(pk=pk).afirst() if wants_status else self._find(model, pk))
             if task is None:
@@ -139,7 +219,7 @@ class StreamingApp:
                 return Reply(204, "")
         return key, after
 
-    async def _find(self, model, pk):
+    async def _find(self, model: "type[StreamTask]", pk: object) -> "StreamTask | None":
         """The task's row. Requests for a row arriving together (a thousand
         watchers of one task) share one query instead of queueing a thousand
         on the ORM thread; only a found row is shared, so a request never gets
@@ -152,14 +232,14 @@ class StreamingApp:
         lookup = asyncio.ensure_future(model.objects.filter(pk=pk).afirst())
         self._lookups[model, pk] = lookup
 
-        def forget(_):
+        def forget(_: object) -> None:
             if self._lookups.get((model, pk)) is lookup:
                 del self._lookups[model, pk]
 
         lookup.add_done_callback(forget)
         return await asyncio.shield(lookup)
 
-    async def _status(self, task) -> "Reply":
+    async def _status(self, task: "StreamTask") -> "Reply":
         last = await sync_to_async(store.last_event)(TaskKey.of(task))
         body = {
             "id": task.pk,
@@ -176,12 +256,16 @@ class StreamingApp:
         }
         return Reply(200, json.dumps(body), content_type=b"application/json")
 
-    async def _stream(self, scope, receive, send, key, after):
+    async def _stream(
+        self, scope: dict[str, Any], receive: "Receive", send: "Send", key: TaskKey, after: int | None
+    ) -> None:
+        assert self.node is not None  # open_stream() gave a key: the node runs (and is never unset)
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         streaming = asyncio.current_task()
+        assert streaming is not None  # a coroutine the server runs in a task
         disconnected = False
 
-        async def watch_disconnect():
+        async def watch_disconnect() -> None:
             nonlocal disconnected
             while (await receive())["type"] != "http.disconnect":
                 pass
@@ -212,7 +296,9 @@ class StreamingApp:
             watcher.cancel()
 
 
-def _parse(path: str, query_string: bytes, headers: dict):
+def _parse(
+    path: str, query_string: bytes, headers: dict[bytes, bytes]
+) -> "tuple[type[StreamTask], object, int | None]":
     match = STREAM_PATH.match(path)
     if not match:
         raise NotFound("Not found: use /stream/<Model>/<id> or /stream/<app_label>/<Model>/<id>\n")
@@ -241,11 +327,11 @@ def _parse(path: str, query_string: bytes, headers: dict):
     return model, pk, after
 
 
-def _iso(value):
+def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-async def _respond(send, reply: Reply):
+async def _respond(send: "Send", reply: Reply) -> None:
     await send({"type": "http.response.start", "status": reply.status, "headers": reply_headers(reply)})
     await send({"type": "http.response.body", "body": reply.body.encode()})
 
@@ -255,3 +341,42 @@ def reply_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
         return list(reply.headers)
     length = str(len(reply.body.encode())).encode()
     return [(b"content-type", reply.content_type), (b"content-length", length), *reply.headers]
+
+
+def warn_about_topology(node: Node) -> None:
+    """Say so at start when this process cannot see what the others do."""
+    from ..checks import several_processes
+
+    if node.transport.shared:
+        return
+    reason = several_processes()
+    if reason:
+        logger.warning(
+            "This process looks like one of several (%s), but STREAMING['BROKER_URL'] is the "
+            "in-memory broker: each process sees only its own tasks' events, so a client can wait "
+            "for ever on a task that runs in another process. Use Redis "
+            "(STREAMING['BROKER_URL'] = 'redis://host:6379/0') or run one process "
+            "(manage.py runserver_stream serves many clients from one process).",
+            reason,
+        )
+    if node.runner is None:
+        logger.warning(
+            "RUN_TASKS is False with the in-memory broker: this process runs no task and cannot "
+            "hear the live events of tasks run elsewhere. Use Redis (STREAMING['BROKER_URL'])."
+        )
+
+
+def _stop_with_twisted(app: StreamingApp) -> None:
+    """Under daphne (Twisted, no ASGI lifespan): stop the node when the reactor shuts down,
+    so running tasks get the shutdown grace and are handed back as under runserver_stream."""
+    if "twisted.internet.reactor" not in sys.modules:
+        return
+    from twisted.internet import defer
+    from twisted.internet import reactor as twisted_reactor
+
+    reactor: Any = twisted_reactor  # typed as an interface its stubs do not describe well
+    if not reactor.running:
+        return
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: defer.Deferred.fromFuture(asyncio.ensure_future(app.shutdown()))
+    )

@@ -1,9 +1,10 @@
 from django.core.management.base import CommandError
 
+from streaming.models import StreamTask
 from streaming.tasks.registry import UnknownModel, resolve_model
 
 
-def get_task(model_name: str, task_id: str):
+def get_task(model_name: str, task_id: str) -> StreamTask:
     app_label, _, name = model_name.rpartition(".")
     try:
         model = resolve_model(name, app_label or None)

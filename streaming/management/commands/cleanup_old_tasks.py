@@ -1,6 +1,7 @@
 from datetime import timedelta
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from streaming.models import FINISHED_STATUSES, TaskEvent
@@ -11,11 +12,11 @@ from streaming.tasks.store import delete_events
 class Command(BaseCommand):
     help = "Delete finished tasks (completed, failed, cancelled) older than --hours, with their events."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--hours", type=float, required=True, help="age of the oldest to keep")
         parser.add_argument("--dry-run", action="store_true", help="only count what would go")
 
-    def handle(self, *args, hours, dry_run, **options):
+    def handle(self, *args: Any, hours: float, dry_run: bool, **options: Any) -> None:
         if hours < 0:
             raise CommandError("--hours must not be negative")
         cutoff = timezone.now() - timedelta(hours=hours)
