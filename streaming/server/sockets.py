@@ -57,7 +57,9 @@ class SocketStream(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._opening: asyncio.Task[None] | None = None
 
-    def open(self, method: str, path: str, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]) -> None:
+    def open(
+        self, method: str, path: str, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
+    ) -> None:
         self._opening = asyncio.get_running_loop().create_task(
             self._open(method, path, query_string, headers), name="streaming-open"
         )

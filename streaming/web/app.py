@@ -80,7 +80,9 @@ class StreamingApp:
     arrives are both fine.
     """
 
-    def __init__(self, django_app: "ASGIApp | None" = None, *, node_factory: Callable[[], Node] = Node) -> None:
+    def __init__(
+        self, django_app: "ASGIApp | None" = None, *, node_factory: Callable[[], Node] = Node
+    ) -> None:
         self.django_app = django_app
         self.node_factory = node_factory
         self.node: Node | None = None
