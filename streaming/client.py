@@ -17,8 +17,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-from httpx_sse import ServerSentEvent, SSEError, connect_sse
+try:
+    import httpx
+    from httpx_sse import ServerSentEvent, SSEError, connect_sse
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "streaming.client needs httpx and httpx-sse: pip install 'django-streaming-coordinator[client]'"
+    ) from exc
 
 __all__ = [
     "DEFAULT_TIMEOUT",
