@@ -7,9 +7,12 @@ class StreamingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.apps import apps
+
         from . import checks, conf, signals
-        from .tasks.registry import stream_models
+        from .models import StreamTask
 
         conf.get_settings()  # fail at start-up, not mid-request, on a bad STREAMING dict
-        signals.connect(stream_models())
+        # Proxies too: saving through a proxy saves a task row all the same.
+        signals.connect(tuple(m for m in apps.get_models() if issubclass(m, StreamTask)))
         checks.register()

@@ -114,7 +114,6 @@ def _stream(
                     response.read()
                     message = response.text.strip() or response.reason_phrase
                     raise StreamHTTPError(response.status_code, message)
-                reconnects = 0
                 for sse in source.iter_sse():
                     if sse.id:
                         last_id = sse.id
@@ -122,6 +121,7 @@ def _stream(
                     if event is None:
                         continue
                     received += 1
+                    reconnects = 0  # progress: only a stream that gives nothing counts against us
                     yield event
                     if event.terminal:
                         return

@@ -2,8 +2,10 @@
 
     event log writer  <- runner -> hub <-> transport (in-process, or Redis)
 
-The ASGI app starts one node in its lifespan. Code elsewhere in the process
-(signals, model methods) reaches it only through ``tasks.wake``.
+The ASGI app starts one node (runserver_stream and runtasks start it
+themselves; other servers through the ASGI lifespan, daphne with the first
+request). Code elsewhere in the process (signals, model methods) reaches it
+only through ``tasks.wake``.
 """
 
 import asyncio

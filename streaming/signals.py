@@ -4,6 +4,8 @@ Connected with a sender, never for every model: a ``post_delete`` receiver
 without one would turn off Django's fast delete for the whole project.
 """
 
+from typing import cast
+
 from django.core.signals import setting_changed
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
@@ -14,15 +16,20 @@ from .models import Status, StreamTask
 from .tasks import store, wake
 
 
+def _concrete(sender: type[StreamTask]) -> type[StreamTask]:
+    """The model whose table holds the row (a proxy's row is its concrete model's)."""
+    return cast("type[StreamTask]", sender._meta.concrete_model or sender)
+
+
 def _task_saved(sender: type[StreamTask], instance: StreamTask, created: bool, **kwargs: object) -> None:
-    key = TaskKey.of(sender, instance.pk)
+    key = TaskKey.of(_concrete(sender), instance.pk)
     transaction.on_commit(lambda: wake.row_changed(key))
     if instance.status == Status.PENDING:
         transaction.on_commit(wake.wake_runners)
 
 
 def _task_deleted(sender: type[StreamTask], instance: StreamTask, **kwargs: object) -> None:
-    store.delete_events(sender, [instance.pk])
+    store.delete_events(_concrete(sender), [instance.pk])
 
 
 def _settings_changed(setting: str, **kwargs: object) -> None:

@@ -252,6 +252,12 @@ def _check_instance(task: object) -> type[StreamTask]:
             f"This {type(task).__name__} is not saved: create it with "
             f"{type(task).__name__}.objects.create(...) (or save() it) first"
         )
+    if task._meta.proxy:
+        concrete = task._meta.concrete_model.__name__ if task._meta.concrete_model else "its model"
+        raise TypeError(
+            f"{type(task).__name__} is a proxy model: a server runs its row as {concrete}, "
+            f"whose process() it calls; run_task() the {concrete} instance"
+        )
     return type(task)
 
 

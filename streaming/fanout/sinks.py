@@ -5,7 +5,7 @@ from typing import Protocol
 
 
 class Sink(Protocol):
-    """Where one subscriber's bytes go (server.py's socket, or subscribe()'s queue)."""
+    """Where one subscriber's bytes go (server/sockets.py's socket, or subscribe()'s queue)."""
 
     paused: bool  # holds enough unsent data: write nothing more until drain()
 

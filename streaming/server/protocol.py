@@ -22,7 +22,7 @@ class StreamingHttpProtocol(HttpToolsProtocol):
     and a stream asked for behind a pipelined request, goes the ASGI way.
     """
 
-    streaming_app: StreamingApp  # set by _config() on a subclass
+    streaming_app: StreamingApp  # set by make_config() on a subclass
     taken_over = False
 
     def on_message_begin(self) -> None:

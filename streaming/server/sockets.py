@@ -1,6 +1,6 @@
 """A stream written straight to its socket: runserver_stream's path for /stream/.
 
-uvicorn parses the request; server.py then hands the connection to a
+uvicorn parses the request; server/protocol.py then hands the connection to a
 ``SocketStream``, which is the broker's sink for that client. From then on
 an event costs one ``transport.write`` of bytes shared by every client, and
 an idle stream costs this object, the broker's cursor and the transport:

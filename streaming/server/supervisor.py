@@ -3,6 +3,7 @@ processes, restarted if they die) and --reload (a server process, restarted
 when code changes)."""
 
 import functools
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -66,6 +67,12 @@ def serve_reloading(
     without --reload. A restart does not wait for running tasks (they are
     interrupted by their recovery policy at once, as by a second Ctrl+C).
     """
+    if importlib.util.find_spec("watchfiles") is None:
+        logger.warning(
+            "--reload without watchfiles rescans every .py file under the watched directories "
+            "(a virtualenv inside them too) four times a second: "
+            "pip install 'django-streaming-coordinator[reload]'"
+        )
     module_path, _, attr = settings.ASGI_APPLICATION.rpartition(".")
     config = uvicorn.Config(
         f"{module_path}:{attr}",  # only what the reloader needs: each process loads the app itself

@@ -170,6 +170,14 @@ class ReconnectTests(SimpleTestCase):
         self.assertEqual(received, [Event("started", "1", {"n": 1})])
         self.assertEqual([r.headers.get("last-event-id") for r in requests], [None, "1", "1"])
 
+    def test_a_server_that_answers_200_and_ends_at_once_is_given_up_on(self):
+        # A 200 with no event is no progress: it must not reset the count (or the
+        # client would reconnect for ever).
+        client, requests = mock_client(*(sse_response() for _ in range(3)))
+        with client, self.assertRaisesRegex(StreamError, "^connection lost and 2 reconnects failed$"):
+            list(stream_events("http://test/stream/ContinueTask/1", client=client, max_reconnects=2))
+        self.assertEqual(len(requests), 3)
+
 
 class StatusTests(SimpleTestCase):
     def test_204_ends_the_stream_without_events(self):

@@ -116,6 +116,31 @@ class WrappedAppTests(TransactionTestCase):
         finally:
             await app.shutdown()
 
+    async def test_a_node_started_by_a_request_says_a_stop_will_not_hand_tasks_back(self):
+        # No lifespan reached the app and no server started its node: a stop is a crash.
+        app = StreamingApp(Recorder(), node_factory=lambda: Node(node_settings()))
+        try:
+            with self.assertLogs("streaming.web.app", "WARNING") as logs:
+                await call(app, "http", "/health")
+            self.assertIn("The streaming node started with a request", "\n".join(logs.output))
+        finally:
+            await app.shutdown()
+
+    async def test_a_node_started_by_the_lifespan_does_not_warn(self):
+        app = StreamingApp(Recorder(), node_factory=lambda: Node(node_settings()))
+        messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        sent = []
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message["type"])
+
+        with self.assertNoLogs("streaming.web.app", "WARNING"):
+            await app({"type": "lifespan"}, receive, send)
+        self.assertEqual(sent, ["lifespan.startup.complete", "lifespan.shutdown.complete"])
+
     def test_runserver_stream_finds_the_streaming_app_inside_middleware_and_routers(self):
         inner = StreamingApp(Recorder())
         outer = ProtocolRouter({"http": TagResponses(inner)})

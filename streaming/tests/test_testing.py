@@ -16,7 +16,13 @@ from demo.models import ContinueTask, ExampleTask
 from streaming.models import TaskEvent
 from streaming.testing import RecordedEvent, TaskResult, TaskTimeout, arun_task, run_task
 from streaming.tests.support import eventually, parse_sse
-from streaming.tests.testapp.models import EphemeralTask, FragileTask, GeneratorTask, ScriptedTask
+from streaming.tests.testapp.models import (
+    EphemeralTask,
+    FragileTask,
+    GeneratorTask,
+    ScriptedProxy,
+    ScriptedTask,
+)
 
 EXAMPLE_STEPS = [
     {"step": n, "total_steps": 3, "message": f"Step {n} of 3", "data": f"Processing step {n}..."}
@@ -257,6 +263,9 @@ class RunTaskInTestCaseTests(ResultAssertions, TestCase):
         ExampleTask.objects.filter(pk=gone.pk).delete()
         with self.assertRaisesMessage(ValueError, "does not exist in the database"):
             run_task(gone)
+        proxied = ScriptedProxy.objects.create(steps=1)
+        with self.assertRaisesMessage(TypeError, "ScriptedProxy is a proxy model: a server runs its row as"):
+            run_task(proxied)
 
 
 class ArunTaskTests(ResultAssertions, TestCase):

@@ -38,7 +38,7 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),  # nginx: do not buffer the stream
 ]
-# uvicorn's protocol (see server.py) puts the transport's abort here so a
+# uvicorn's protocol (server/protocol.py) puts the transport's abort here so a
 # stalled client can be cut off at once instead of waiting on its buffer.
 ABORT_EXTENSION = "streaming.abort"
 
@@ -98,7 +98,7 @@ class StreamingApp:
             return await self._lifespan(receive, send)
         if self.node is None and not self._closed:
             try:
-                await self.start()  # no lifespan came (daphne): the first request starts the node
+                await self.start(by_request=True)  # no lifespan came (daphne): the first request starts it
             except Exception:
                 if kind == "http":
                     return await _respond(send, Reply(503, "Streaming node failed to start\n"))
@@ -120,14 +120,14 @@ class StreamingApp:
 
     # -- the node's life ------------------------------------------------------------
 
-    async def start(self) -> Node:
+    async def start(self, *, by_request: bool = False) -> Node:
         """Start the node once; concurrent callers share the start, a failed one is tried again."""
         if self.node is not None:
             return self.node
         if self._closed:
             raise RuntimeError("The streaming app was shut down")
         if self._starting is None:
-            self._starting = asyncio.ensure_future(self._start_node())
+            self._starting = asyncio.ensure_future(self._start_node(by_request))
         starting = self._starting
         try:
             return await asyncio.shield(starting)
@@ -135,7 +135,7 @@ class StreamingApp:
             if starting.done() and (starting.cancelled() or starting.exception() is not None):
                 self._starting = None  # the next request tries again
 
-    async def _start_node(self) -> Node:
+    async def _start_node(self, by_request: bool) -> Node:
         try:
             node = self.node_factory()
             await node.start()
@@ -145,8 +145,15 @@ class StreamingApp:
         self.node = node
         try:
             warn_about_topology(node)
-            if not self._lifespan_seen:
-                _stop_with_twisted(self)
+            stopped_with_twisted = not self._lifespan_seen and _stop_with_twisted(self)
+            if by_request and not self._lifespan_seen and not stopped_with_twisted:
+                logger.warning(
+                    "The streaming node started with a request: the ASGI lifespan did not reach "
+                    "the streaming app (a router or middleware around it refused or dropped it). "
+                    "A server stop will not give running tasks SHUTDOWN_GRACE or hand them back; "
+                    "they are recovered by their policy as after a crash. Make "
+                    "get_asgi_application(app=your_app) the outermost app."
+                )
         except Exception:
             logger.exception("Streaming node: a start-up step failed (the node runs)")
         return node
@@ -196,7 +203,7 @@ class StreamingApp:
     ) -> "Reply | tuple[TaskKey, int | None]":
         """Answer a request for a stream: a ``Reply`` (an error, the JSON status,
         204), or ``(key, after)`` to start streaming. Shared by the ASGI path
-        and server.py's direct socket path."""
+        and server/protocol.py's direct socket path."""
         if method != "GET":
             return Reply(405, f"Method {method} not allowed; use GET\n", headers=((b"allow", b"GET"),))
         if self.node is None:
@@ -368,17 +375,18 @@ def warn_about_topology(node: Node) -> None:
         )
 
 
-def _stop_with_twisted(app: StreamingApp) -> None:
+def _stop_with_twisted(app: StreamingApp) -> bool:
     """Under daphne (Twisted, no ASGI lifespan): stop the node when the reactor shuts down,
     so running tasks get the shutdown grace and are handed back as under runserver_stream."""
     if "twisted.internet.reactor" not in sys.modules:
-        return
+        return False
     from twisted.internet import defer
     from twisted.internet import reactor as twisted_reactor
 
     reactor: Any = twisted_reactor  # typed as an interface its stubs do not describe well
     if not reactor.running:
-        return
+        return False
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: defer.Deferred.fromFuture(asyncio.ensure_future(app.shutdown()))
     )
+    return True

@@ -60,3 +60,10 @@ class GeneratorTask(StreamTask):
         else:
             sent = await self.send_events_from({"i": i} for i in range(self.count))
         return sent
+
+
+class ScriptedProxy(ScriptedTask):
+    """A proxy of a task model: its rows are ScriptedTask rows."""
+
+    class Meta:
+        proxy = True
