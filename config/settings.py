@@ -1,22 +1,49 @@
-"""Settings of the demo project.
+"""Settings of the demo project, safe to copy.
 
-The database comes from DATABASE_URL (an SQLite file beside manage.py when
-unset); streaming options live in the one STREAMING dict. The STREAMING_*
-environment variables below exist so the end-to-end tests can start servers
+Everything that differs between machines comes from the environment:
+DJANGO_SECRET_KEY (else a random key made once and kept in .secret_key
+beside manage.py, never a key written here), DJANGO_DEBUG=1 to turn DEBUG on
+(off by default), DJANGO_ALLOWED_HOSTS (comma-separated; this machine's
+loopback names by default), DATABASE_URL (an SQLite file beside manage.py
+when unset). Streaming options live in the one STREAMING dict; the
+STREAMING_* variables below exist so the end-to-end tests can start servers
 with short timings; a project of your own sets STREAMING however it likes.
 """
 
 import os
+import secrets
 import sys
+import time
 from pathlib import Path
 
 import dj_database_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "dev-only-insecure-key-change-me")
-DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
-ALLOWED_HOSTS = ["*"]
+
+def _local_secret_key(path: Path) -> str:
+    """A random key made on first use and kept (mode 0600) for the next runs:
+    sessions survive restarts, and no key is ever committed."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(100):  # another process may be writing it this instant
+            if key := path.read_text().strip():
+                return key
+            time.sleep(0.02)
+        raise
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or _local_secret_key(BASE_DIR / ".secret_key")
+DEBUG = os.environ.get("DJANGO_DEBUG", "0") == "1"
+ALLOWED_HOSTS = [
+    host.strip()
+    for host in os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",")
+    if host.strip()
+]
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 export PATH="$HOME/.local/bin:$PATH"
 PORT="${PORT:-8888}"
+# The demo runs in development mode: DEBUG serves the admin's static files.
+export DJANGO_DEBUG="${DJANGO_DEBUG:-1}"
 poetry run python manage.py migrate --noinput
 example=$(poetry run python manage.py create_task --type example --message "Hello from the demo" \
   --delay 10 --port "$PORT" --no-start | sed -n 's/^Created ExampleTask with ID: //p')
