@@ -29,7 +29,7 @@ for pk in os.environ["BENCH_PKS"].split():
 
 async def watch(port, pk, received, connected, all_connected):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET /stream/testapp/ScriptedTask/{pk} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"GET /stream/testapp/ScriptedTask/{pk} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     await reader.readuntil(b"\r\n\r\n")
     connected.add(pk)
     if len(connected) == all_connected[1]:

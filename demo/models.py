@@ -12,6 +12,7 @@ class ExampleTask(StreamTask):
     """The seed's demo: start, three progress steps ``step_delay`` s apart, complete."""
 
     recovery = Recovery.RETRY  # idempotent: running it again is harmless
+    public_stream = True  # the seed's curl and stream_client.py watch it without credentials
 
     message = models.CharField(max_length=500, default="Task created via management command")
     total_steps = models.PositiveIntegerField(default=3)
@@ -37,6 +38,7 @@ class ContinueTask(StreamTask):
     """The seed's DB-driven task: waits until someone sets ``continue_field``."""
 
     recovery = Recovery.RETRY  # waiting again is harmless
+    public_stream = True  # the seed's curl and stream_client.py watch it without credentials
 
     message = models.CharField(max_length=500, default="Waiting for signal...")
     continue_field = models.BooleanField(default=False)

@@ -48,6 +48,12 @@ def encode_sse(seq: int, event_type: str, payload: str) -> bytes:
     return f"event: {event_type}\ndata: {payload}\nid: {seq}\n\n".encode()
 
 
+def notice(event_type: str, data: dict[str, Any]) -> bytes:
+    """An event from the server itself, not from the task: no ``id:``, so a
+    client's Last-Event-ID (where it resumes) stays on the task's last event."""
+    return f"event: {event_type}\ndata: {json.dumps(data)}\n\n".encode()
+
+
 def retry_hint(milliseconds: int) -> bytes:
     return f"retry: {milliseconds}\n\n".encode()
 

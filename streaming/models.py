@@ -18,6 +18,8 @@ from .events import RESERVED_TYPES, validate_event_type
 from .tasks import wake
 
 if TYPE_CHECKING:
+    from django.contrib.auth.base_user import AbstractBaseUser
+
     from .tasks.run import TaskRun
 
 __all__ = ["FINISHED_STATUSES", "Recovery", "Status", "StreamTask", "TaskEvent"]
@@ -54,6 +56,11 @@ class StreamTask(models.Model):
     persist_events = True  # False: only the terminal event reaches the event log
     recovery = Recovery.FAIL  # process() may have side effects: never repeat it silently
     max_attempts = 3  # with Recovery.RETRY: runs at most this often in all
+    # Who may watch (README "Security"). False, the default: only a request with
+    # a stream token for the task (stream_token(), stream_url()), or of a
+    # Django user for whom has_stream_permission() says yes. True: anyone who
+    # can reach the server reads this class's streams and JSON status.
+    public_stream = False
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
@@ -203,6 +210,41 @@ class StreamTask(models.Model):
 
     def get_stream_path(self) -> str:
         return f"/stream/{self.stream_name()}/{self.pk}"
+
+    # -- who may watch (streaming/access.py) ----------------------------------
+
+    def has_stream_permission(self, user: "AbstractBaseUser") -> bool:
+        """May ``user`` (an authenticated, active Django user) watch this task?
+
+        Asked once per stream request whose session cookie names a user (not
+        for public classes, token requests or anonymous ones), in a worker
+        thread: the ORM is fine here. The default: the model's ``view``
+        permission (``<app_label>.view_<model_name>``), so superusers and
+        users or groups granted it. Override for rules of your own, e.g.
+        ``return user.pk == self.owner_id or user.is_staff``.
+        """
+        opts = self._meta
+        has_perm: Callable[[str], bool] = getattr(user, "has_perm", lambda _perm: False)
+        return has_perm(f"{opts.app_label}.view_{opts.model_name}")
+
+    async def ahas_stream_permission(self, user: "AbstractBaseUser") -> bool:
+        """The async form the server calls: by default ``has_stream_permission()`` in a thread."""
+        return await sync_to_async(self.has_stream_permission)(user)
+
+    def stream_token(self, *, expires_in: float = 300) -> str:
+        """A signed token that opens this task's stream for ``expires_in`` seconds.
+
+        Send it as ``Authorization: Bearer <token>`` or ``?token=<token>``.
+        ``streaming.access.stream_token([task, ...])`` mints one for several tasks.
+        """
+        from .access import stream_token
+
+        return stream_token(self, expires_in=expires_in)
+
+    def stream_url(self, *, expires_in: float = 300) -> str:
+        """This task's stream path with a token: ``/stream/<Model>/<id>?token=...``,
+        for a browser's ``new EventSource(url)`` (which cannot send headers)."""
+        return f"{self.get_stream_path()}?token={self.stream_token(expires_in=expires_in)}"
 
     def __str__(self) -> str:
         return f"{type(self).__name__} {self.pk} ({self.status})"

@@ -43,7 +43,7 @@ def _ended_by(latest: Event | None, after: int) -> bool:
 class Subscriber:
     """A client of one task: its cursor (the last seq it was sent) and its sink."""
 
-    __slots__ = ("after", "channel", "closed", "key", "sink", "task")
+    __slots__ = ("after", "channel", "closed", "expiry", "key", "sink", "task")
 
     def __init__(self, key: TaskKey, channel: "Channel", sink: Sink) -> None:
         self.key = key
@@ -52,6 +52,7 @@ class Subscriber:
         self.after = 0  # placed by Hub._start(), before anything is written to the sink
         self.task: asyncio.Task[None] | None = None  # catching up; None: live
         self.closed = False
+        self.expiry: asyncio.TimerHandle | None = None  # ends a stream whose access runs out
 
     @property
     def live(self) -> bool:
@@ -237,9 +238,13 @@ class Hub:
 
     # -- HTTP side --------------------------------------------------------------
 
-    def attach(self, key: TaskKey, after: int | None, sink: Sink) -> Subscriber:
+    def attach(
+        self, key: TaskKey, after: int | None, sink: Sink, *, ends_in: float | None = None, last: bytes = b""
+    ) -> Subscriber:
         """Start streaming task ``key`` into ``sink``: the events after ``after``
-        (None: the latest one first), then live ones, until the task's end.
+        (None: the latest one first), then live ones, until the task's end,
+        or for at most ``ends_in`` seconds (its access runs out), when ``last``
+        is written and the stream ends.
 
         The caller calls ``detach()`` when the client goes away.
         """
@@ -247,6 +252,8 @@ class Hub:
         if channel is None:
             channel = self._channels[key] = Channel()
         sub = Subscriber(key, channel, sink)
+        if ends_in is not None:  # one timer for such a stream; none for the others
+            sub.expiry = asyncio.get_running_loop().call_later(max(0.0, ends_in), self.end, sub, last)
         channel.subs.add(sub)
         self._watch(key)
         if (self._ticker is None or self._ticker.done()) and not self._closing:
@@ -259,6 +266,9 @@ class Hub:
         if sub.closed:
             return
         sub.closed = True
+        if sub.expiry is not None:
+            sub.expiry.cancel()
+            sub.expiry = None
         task, sub.task = sub.task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -285,14 +295,17 @@ class Hub:
         if channel is not None and not channel.subs and key not in self._publishing:
             del self._channels[key]  # nothing feeds it any more
 
-    async def subscribe(self, key: TaskKey, after: int | None) -> AsyncGenerator[bytes, None]:
-        """The stream as an async iterator of byte chunks (the ASGI path, tests).
+    async def subscribe(
+        self, key: TaskKey, after: int | None, *, ends_in: float | None = None, last: bytes = b""
+    ) -> AsyncGenerator[bytes, None]:
+        """The stream as an async iterator of byte chunks (the ASGI path, tests);
+        ``ends_in`` and ``last`` as for ``attach()``.
 
         Its sink holds one chunk: a consumer that does not take it falls
         behind and catches up from memory or the log, as a slow socket does.
         """
         sink = QueueSink()
-        sub = self.attach(key, after, sink)
+        sub = self.attach(key, after, sink, ends_in=ends_in, last=last)
         try:
             while True:
                 chunk = sink.take()
@@ -305,13 +318,18 @@ class Hub:
         finally:
             self.detach(sub)
 
-    def _end(self, sub: Subscriber, *, hint: bool = False) -> None:
+    def end(self, sub: Subscriber, last: bytes = b"") -> None:
+        """End one subscriber's stream now, ``last`` written first (between two
+        events: the hub writes whole events only)."""
         if sub.closed:
             return
-        if hint:
-            sub.sink.write(retry_hint(RECONNECT_HINT_MS))
+        if last:
+            sub.sink.write(last)
         sub.sink.end()
         self.detach(sub)
+
+    def _end(self, sub: Subscriber, *, hint: bool = False) -> None:
+        self.end(sub, retry_hint(RECONNECT_HINT_MS) if hint else b"")
 
     def _fall_behind(self, sub: Subscriber) -> None:
         """A live subscriber that cannot take more (or lost its place in memory)

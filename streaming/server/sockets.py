@@ -4,16 +4,18 @@ uvicorn parses the request; server/protocol.py then hands the connection to a
 ``SocketStream``, which is the broker's sink for that client. From then on
 an event costs one ``transport.write`` of bytes shared by every client, and
 an idle stream costs this object, the broker's cursor and the transport:
-no ASGI cycle, no coroutine, no task, no timer.
+no ASGI cycle, no coroutine, no task, no timer (a stream opened with a
+token has one: the hub ends it when the token expires).
 """
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from ..web.app import Reply, StreamingApp, reply_headers
+from ..web.app import Reply, StreamingApp, access_expired, reply_headers
 
 if TYPE_CHECKING:
     from ..fanout.hub import Hub, Subscriber
@@ -80,11 +82,17 @@ class SocketStream(asyncio.Protocol):
             self.transport.write(encode_reply(opened, head_only=method == "HEAD"))
             self.transport.close()
             return
-        key, after = opened
+        key, after, expires_at = opened
         self.transport.write(STREAM_HEAD)
         assert self._app.node is not None  # open_stream() gave a key: the node runs (and is never unset)
         self._broker = self._app.node.hub
-        self.subscriber = self._broker.attach(key, after, self)
+        if expires_at is None:
+            self.subscriber = self._broker.attach(key, after, self)
+        else:  # a token's stream ends when the token does (the hub's one timer for it)
+            ends_in = expires_at - time.time()
+            self.subscriber = self._broker.attach(
+                key, after, self, ends_in=ends_in, last=access_expired(expires_at)
+            )
 
     # -- asyncio.Protocol ----------------------------------------------------
 

@@ -129,7 +129,7 @@ class ServerProcess:
             if self.socket_path:
                 transport = httpx.HTTPTransport(uds=self.socket_path)
                 with httpx.Client(transport=transport) as client:
-                    return client.get("http://server/health", timeout=1).text == "OK"
+                    return client.get("http://localhost/health", timeout=1).text == "OK"
             return httpx.get(f"{self.url}/health", timeout=1).text == "OK"
         except httpx.TransportError:
             return False

@@ -133,7 +133,7 @@ class SlowClientTests(ServerTestCase):
     def test_keepalive_comment_on_an_idle_stream(self):
         task = ContinueTask.objects.create(poll_interval=0.1)
         with socket.create_connection(("127.0.0.1", self.server.port), timeout=5) as sock:
-            sock.sendall(f"GET {task.get_stream_path()} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.sendall(f"GET {task.get_stream_path()} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
             received = b""
             deadline = time.monotonic() + 5
             while b": keep-alive" not in received and time.monotonic() < deadline:
@@ -148,7 +148,7 @@ class SlowClientTests(ServerTestCase):
         stalled = socket.create_connection(("127.0.0.1", self.server.port), timeout=10)
         # A fixed window (no autotuning) so the stream outgrows the kernel's buffers.
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        stalled.sendall(f"GET {task.get_stream_path()} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        stalled.sendall(f"GET {task.get_stream_path()} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         time.sleep(0.3)  # connected before the task starts
         reader_events = []
         reader = threading.Thread(
@@ -220,13 +220,13 @@ class ShutdownTests(TransactionTestCase):
                 wait_for(
                     lambda: (
                         client.get(
-                            f"http://server{task.get_stream_path()}",
+                            f"http://localhost{task.get_stream_path()}",
                             headers={"Accept": "application/json"},
                         ).json()["status"]
                         == "completed"
                     )
                 )
-                body = client.get(f"http://server{task.get_stream_path()}?history=all").text
+                body = client.get(f"http://localhost{task.get_stream_path()}?history=all").text
             self.assertEqual([e.event for e in parse_sse(body)], ["step", "step", "complete"])
             self.assertIn(f"Starting streaming server on unix:{path}", server.log())
         finally:

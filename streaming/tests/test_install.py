@@ -85,10 +85,13 @@ DATABASES["default"]["OPTIONS"] = {
 }
 """
 
+# The Report class declares nothing about access, so its streams are
+# protected: the project's own code mints a token (as a view would).
 CREATE_TASK = (
     "from reports.models import Report; "
     "task = Report.objects.create(topic='adoption', steps=2); "
-    "print('TASK', task.pk, task.status)"
+    "print('TASK', task.pk, task.status); "
+    "print('URL', task.stream_url(expires_in=120))"
 )
 
 READ_WITH_CLIENT = """\
@@ -333,7 +336,13 @@ class InstallTests(SimpleTestCase):
         match = re.search(r"^TASK (\d+) pending$", created, re.MULTILINE)
         self.assertIsNotNone(match, f"no 'TASK <id> pending' in: {created!r}")
         pk = int(match[1])
-        stream = f"{url}/stream/Report/{pk}?history=all"
+        signed = re.search(r"^URL (\S+)$", created, re.MULTILINE)
+        self.assertIsNotNone(signed, f"no 'URL <stream url>' in: {created!r}")
+        # Secure by default: no credentials, no stream; the minted URL opens it.
+        refused = httpx.get(f"{url}/stream/Report/{pk}", timeout=10)
+        self.assertEqual(refused.status_code, 403, refused.text)
+        self.assertTrue(signed[1].startswith(f"/stream/Report/{pk}?token="), signed[1])
+        stream = f"{url}{signed[1]}&history=all"
 
         events = read_stream(stream, timeout=30)
         self.assertEqual(
@@ -360,7 +369,7 @@ class InstallTests(SimpleTestCase):
         )
         self.assertEqual(read[-1][2], events[-1].data)
 
-        status = httpx.get(f"{url}/stream/Report/{pk}", headers={"Accept": "application/json"}, timeout=10)
+        status = httpx.get(stream, headers={"Accept": "application/json"}, timeout=10)
         self.assertEqual(status.status_code, 200, status.text)
         body = status.json()
         self.assertEqual(
@@ -373,7 +382,7 @@ class InstallTests(SimpleTestCase):
                 "model": "Report",
                 "status": "completed",
                 "final_value": {"topic": "adoption", "pages": 20},
-                "error": "",
+                "error": None,
                 "attempts": 1,
                 "last_event_id": 4,
             },

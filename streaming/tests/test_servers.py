@@ -90,7 +90,8 @@ async def call(app, scope_type, path):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": scope_type, "path": path, "method": "GET", "headers": [], "query_string": b""}
+    headers = [(b"host", b"127.0.0.1")]  # stream requests are checked against ALLOWED_HOSTS
+    scope = {"type": scope_type, "path": path, "method": "GET", "headers": headers, "query_string": b""}
     await app(scope, receive, send)
     return sent
 

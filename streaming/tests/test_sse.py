@@ -43,7 +43,7 @@ async def serving(**settings):
 
 async def open_stream(port: int, path: str, headers: str = ""):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nhost: test\r\n{headers}\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{headers}\r\n".encode())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     return head.decode(), reader, writer
 
@@ -138,7 +138,7 @@ class DirectStreamTests(TransactionTestCase):
         async with serving() as (_app, port):
             # HEAD: 405 with its headers and no body.
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(f"HEAD {path} HTTP/1.1\r\nhost: test\r\n\r\n".encode())
+            writer.write(f"HEAD {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n".encode())
             raw = await read_to_close(reader)
             writer.close()
             self.assertTrue(raw.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"), raw)

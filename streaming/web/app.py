@@ -11,17 +11,23 @@ import json
 import logging
 import re
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qs
 
 from asgiref.sync import sync_to_async
+from django.conf import settings as django_settings
 from django.core.exceptions import ValidationError
+from django.http.request import split_domain_port, validate_host
 
+from .. import access
+from ..events import ERROR, Event, notice
 from ..keys import TaskKey
+from ..models import Status
 from ..node import Node
 from ..tasks import store
 from ..tasks.registry import UnknownModel, resolve_model
@@ -31,6 +37,7 @@ if TYPE_CHECKING:
     from ..models import StreamTask
 
 logger = logging.getLogger(__name__)
+host_logger = logging.getLogger("django.security.DisallowedHost")  # where Django reports them
 
 STREAM_PATH = re.compile(r"^/stream/(?:(?P<app>[^/]+)/)?(?P<model>[^/]+)/(?P<pk>[^/]+)/?$")
 SSE_HEADERS = [
@@ -58,12 +65,38 @@ class Reply:
 built: "weakref.WeakSet[StreamingApp]" = weakref.WeakSet()
 
 
+class Opened(NamedTuple):
+    """A stream request that may stream: task ``key`` from after ``after``,
+    until ``expires_at`` (Unix time; the token's expiry, None: no limit)."""
+
+    key: TaskKey
+    after: int | None
+    expires_at: float | None = None
+
+
 class BadRequest(Exception):
     status = 400
 
 
 class NotFound(Exception):
     status = 404
+
+
+class Forbidden(Exception):
+    status = 403
+
+
+def forbidden(model: "type[StreamTask]", pk: object) -> Forbidden:
+    # The same answer whether or not the row exists: ids reveal nothing.
+    return Forbidden(
+        f"Not allowed to watch {model.stream_name()} {pk}: sign in as a user who may, or use a stream token\n"
+    )
+
+
+def access_expired(expires_at: float) -> bytes:
+    """The last event of a stream whose token ran out (no id: resuming is not disturbed)."""
+    when = datetime.fromtimestamp(expires_at, UTC).isoformat()
+    return notice("access_expired", {"message": "Stream token expired", "expired_at": when})
 
 
 class StreamingApp:
@@ -196,28 +229,57 @@ class StreamingApp:
         )
         if isinstance(opened, Reply):
             return await _respond(send, opened)
-        await self._stream(scope, receive, send, *opened)
+        await self._stream(scope, receive, send, opened)
 
     async def open_stream(
         self, method: str, path: str, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
-    ) -> "Reply | tuple[TaskKey, int | None]":
+    ) -> "Reply | Opened":
         """Answer a request for a stream: a ``Reply`` (an error, the JSON status,
-        204), or ``(key, after)`` to start streaming. Shared by the ASGI path
-        and server/protocol.py's direct socket path."""
+        204), or ``Opened`` to start streaming. Shared by the ASGI path and
+        server/protocol.py's direct socket path, so both decide alike: the
+        Host header (ALLOWED_HOSTS), then who may watch (streaming/access.py),
+        once, here; nothing is checked per event."""
+        header_map = dict(headers)
+        if not _host_allowed(header_map):
+            return Reply(400, "Invalid Host header\n")
         if method != "GET":
             return Reply(405, f"Method {method} not allowed; use GET\n", headers=((b"allow", b"GET"),))
         if self.node is None:
             return Reply(503, "Streaming node is not running\n")
-        header_map = dict(headers)
         wants_status = b"application/json" in header_map.get(b"accept", b"")
+        expires_at: float | None = None
         try:
-            model, pk, after = _parse(path, query_string, header_map)
+            model, pk, after, query = _parse(path, query_string, header_map)
+            user = None
+            if not model.public_stream:
+                # Decided before the row is read: a request that proves nothing
+                # learns nothing (403 whether or not the task exists).
+                try:
+                    token = access.request_token(query, header_map)
+                except ValueError as exc:
+                    raise BadRequest(f"{exc}\n") from None
+                if token is not None:
+                    grant = access.read_token(token)  # InvalidToken, TokenExpired: 401
+                    if TaskKey.of(model, pk) not in grant.keys:
+                        raise forbidden(model, pk)
+                    expires_at = grant.expires_at
+                else:
+                    session = access.session_key(header_map)
+                    user = await sync_to_async(access.session_user)(session) if session else None
+                    if user is None:
+                        raise forbidden(model, pk)
             # A status is read fresh; a stream can share a lookup in flight.
             task = await (model.objects.filter(pk=pk).afirst() if wants_status else self._find(model, pk))
+            if user is not None and (task is None or not await task.ahas_stream_permission(user)):
+                # The hook decides per row: a row that does not exist is granted to nobody.
+                raise forbidden(model, pk)
             if task is None:
                 raise NotFound(f"{model.stream_name()} {pk} not found\n")
-        except (BadRequest, NotFound) as exc:
+        except (BadRequest, NotFound, Forbidden) as exc:
             return Reply(exc.status, str(exc))
+        except access.InvalidToken as exc:
+            challenge = f'Bearer error="invalid_token", error_description="{exc}"'.encode()
+            return Reply(401, f"{exc}\n", headers=((b"www-authenticate", challenge),))
         if wants_status:
             return await self._status(task)
         key = TaskKey.of(model, task.pk)
@@ -226,7 +288,7 @@ class StreamingApp:
             if last is not None and last.seq <= after:
                 # The client has seen the end; 204 tells an EventSource to stop reconnecting.
                 return Reply(204, "")
-        return key, after
+        return Opened(key, after, expires_at)
 
     async def _find(self, model: "type[StreamTask]", pk: object) -> "StreamTask | None":
         """The task's row. Requests for a row arriving together (a thousand
@@ -256,7 +318,7 @@ class StreamingApp:
             "status": task.status,
             "attempts": task.attempts,
             "final_value": task.final_value,
-            "error": task.error,
+            "error": _error(task, last),
             "created_at": _iso(task.created_at),
             "started_at": _iso(task.started_at),
             "completed_at": _iso(task.completed_at),
@@ -265,10 +327,12 @@ class StreamingApp:
         }
         return Reply(200, json.dumps(body), content_type=b"application/json")
 
-    async def _stream(
-        self, scope: dict[str, Any], receive: "Receive", send: "Send", key: TaskKey, after: int | None
-    ) -> None:
+    async def _stream(self, scope: dict[str, Any], receive: "Receive", send: "Send", opened: Opened) -> None:
         assert self.node is not None  # open_stream() gave a key: the node runs (and is never unset)
+        key, after, expires_at = opened
+        ends_in, last = (
+            (None, b"") if expires_at is None else (expires_at - time.time(), access_expired(expires_at))
+        )
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         streaming = asyncio.current_task()
         assert streaming is not None  # a coroutine the server runs in a task
@@ -284,7 +348,9 @@ class StreamingApp:
         watcher = asyncio.create_task(watch_disconnect())
         send_timeout = self.node.settings.CLIENT_SEND_TIMEOUT
         try:
-            async with contextlib.aclosing(self.node.hub.subscribe(key, after)) as chunks:
+            async with contextlib.aclosing(
+                self.node.hub.subscribe(key, after, ends_in=ends_in, last=last)
+            ) as chunks:
                 async for chunk in chunks:
                     try:
                         async with asyncio.timeout(send_timeout):
@@ -305,9 +371,43 @@ class StreamingApp:
             watcher.cancel()
 
 
+def _host_allowed(headers: dict[bytes, bytes]) -> bool:
+    """Django's ALLOWED_HOSTS rule (``HttpRequest.get_host``): the Host header
+    (X-Forwarded-Host with USE_X_FORWARDED_HOST), DEBUG's localhost defaults
+    when ALLOWED_HOSTS is empty. A request without a Host header (HTTP/1.0)
+    passes only ``"*"``, as Django's own would (its server name is unknown)."""
+    raw = headers.get(b"host")
+    if django_settings.USE_X_FORWARDED_HOST and b"x-forwarded-host" in headers:
+        raw = headers[b"x-forwarded-host"]
+    allowed = django_settings.ALLOWED_HOSTS
+    if raw is None:
+        return "*" in allowed
+    host = raw.decode("latin-1")
+    if django_settings.DEBUG and not allowed:
+        allowed = [".localhost", "127.0.0.1", "[::1]"]
+    domain, _port = split_domain_port(host)
+    if domain and validate_host(domain, allowed):
+        return True
+    host_logger.warning(
+        "Invalid HTTP_HOST header for a stream: %r. You may need to add it to ALLOWED_HOSTS.", host
+    )
+    return False
+
+
+def _error(task: "StreamTask", last: Event | None) -> dict[str, str] | None:
+    """A failed task's error for clients: its type and message, as its ``error``
+    event says; never the traceback (that stays in the row, for the admin)."""
+    if task.status != Status.FAILED:
+        return None
+    if last is not None and last.type == ERROR:
+        data = last.data()
+        return {"type": str(data.get("type", "")), "message": str(data.get("message", ""))}
+    return {"type": "Error", "message": "The task failed"}
+
+
 def _parse(
     path: str, query_string: bytes, headers: dict[bytes, bytes]
-) -> "tuple[type[StreamTask], object, int | None]":
+) -> "tuple[type[StreamTask], object, int | None, dict[str, list[str]]]":
     match = STREAM_PATH.match(path)
     if not match:
         raise NotFound("Not found: use /stream/<Model>/<id> or /stream/<app_label>/<Model>/<id>\n")
@@ -320,7 +420,7 @@ def _parse(
         pk = model._meta.pk.to_python(raw_pk)
     except ValidationError:
         raise BadRequest(f"Malformed task id {raw_pk!r} for {model.stream_name()}\n") from None
-    query = parse_qs(query_string.decode("latin-1"))
+    query = parse_qs(query_string.decode("latin-1"), keep_blank_values=True)  # "?token=" is a token
     after = None
     raw_after = headers.get(b"last-event-id", b"").decode("latin-1").strip()
     raw_after = raw_after or (query.get("last_event_id") or [""])[0]
@@ -333,7 +433,7 @@ def _parse(
         if history not in ("all", "1", "true"):
             raise BadRequest(f"Unknown history value {history!r}: use history=all\n")
         after = 0 if after is None else after
-    return model, pk, after
+    return model, pk, after, query
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -1,7 +1,13 @@
-"""Tasks the tests drive: scripted steps, failures, silence, each recovery policy."""
+"""Tasks the tests drive: scripted steps, failures, silence, each recovery policy.
+
+The engine's test models are public (``public_stream = True``): their tests
+are about streaming, not access. PrivateTask and OwnedTask are not: the
+access tests (test_access.py) use them.
+"""
 
 import asyncio
 
+from django.conf import settings
 from django.db import models
 
 from streaming.models import Recovery, StreamTask
@@ -33,19 +39,25 @@ class ScriptFields(models.Model):
 
 
 class ScriptedTask(ScriptFields, StreamTask):
+    public_stream = True
     recovery = Recovery.RETRY
 
 
 class FragileTask(ScriptFields, StreamTask):
     """The default policy: interrupted means failed."""
 
+    public_stream = True
+
 
 class EphemeralTask(ScriptFields, StreamTask):
+    public_stream = True
     persist_events = False
     recovery = Recovery.RETRY
 
 
 class GeneratorTask(StreamTask):
+    public_stream = True
+
     count = models.PositiveIntegerField(default=3)
     use_async = models.BooleanField(default=True)
 
@@ -67,3 +79,16 @@ class ScriptedProxy(ScriptedTask):
 
     class Meta:
         proxy = True
+
+
+class PrivateTask(ScriptFields, StreamTask):
+    """Declares nothing about access: only a token or the model's view permission opens it."""
+
+
+class OwnedTask(ScriptFields, StreamTask):
+    """Its owner may watch it, and whoever the default rule (the view permission) lets in."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE)
+
+    def has_stream_permission(self, user):
+        return user.pk == self.owner_id or super().has_stream_permission(user)
