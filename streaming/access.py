@@ -52,6 +52,9 @@ __all__ = [
 ]
 
 TOKEN_SALT = "streaming.access.stream-token"
+# The latest expiry a token may carry: 9999-12-31T23:59:59Z, the last instant
+# a datetime can show (the access_expired event names the expiry).
+MAX_EXPIRY = 253402300799
 DEFAULT_EXPIRES_IN = 300  # seconds: tokens travel in URLs, which end up in logs
 
 
@@ -99,8 +102,10 @@ def stream_token(
     keys = sorted({str(task_key(task)) for task in tasks})
     if not keys:
         raise ValueError("stream_token() needs at least one task")
-    if not expires_in > 0:
-        raise ValueError(f"expires_in must be a positive number of seconds, not {expires_in!r}")
+    if not 0 < expires_in < MAX_EXPIRY - time.time():  # (NaN fails both)
+        raise ValueError(
+            f"expires_in must be a positive number of seconds before the year 10000, not {expires_in!r}"
+        )
     payload = {"k": keys, "x": math.ceil(time.time() + expires_in)}
     return signing.Signer(salt=TOKEN_SALT).sign_object(payload, compress=True)
 
@@ -112,9 +117,14 @@ def read_token(token: str, *, now: float | None = None) -> Grant:
     """
     try:
         payload = signing.Signer(salt=TOKEN_SALT).unsign_object(token)
-        keys = frozenset(TaskKey.parse(key) for key in payload["k"])
+        listed = payload["k"]
+        if not isinstance(listed, list) or not all(isinstance(key, str) for key in listed):
+            raise ValueError(payload)
+        keys = frozenset(TaskKey.parse(key) for key in listed)
         expires_at = payload["x"]
         if not keys or not isinstance(expires_at, int | float) or isinstance(expires_at, bool):
+            raise ValueError(payload)
+        if not 0 < expires_at <= MAX_EXPIRY:  # also NaN, inf and 10**400 (float() would overflow)
             raise ValueError(payload)
     except (signing.BadSignature, ValueError, TypeError, KeyError):
         raise InvalidToken() from None

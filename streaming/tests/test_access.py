@@ -419,6 +419,22 @@ class TokenTests(SimpleTestCase):
             PrivateTask(pk=1).stream_token(expires_in=0)
         with self.assertRaises(ValueError):
             PrivateTask().stream_token()  # not saved: no pk
+        for forever in (10**12, 1e300, float("inf"), float("nan")):  # past what a date can show
+            with self.assertRaises(ValueError):
+                PrivateTask(pk=1).stream_token(expires_in=forever)
+
+    def test_signed_payloads_of_the_wrong_shape_are_invalid_not_a_crash(self):
+        # Found by test_fuzz: these raised AttributeError/OverflowError (a 500).
+        signer = signing.Signer(salt=access.TOKEN_SALT)
+        for payload in (
+            {"k": [None], "x": 1},
+            {"k": "testapp.privatetask:1", "x": 2**40},
+            {"k": ["testapp.privatetask:1"], "x": 10**400},
+            {"k": ["testapp.privatetask:1"], "x": float("nan")},
+            {"k": ["testapp.privatetask:1"], "x": 6.78e16},
+        ):
+            with self.subTest(payload=payload), self.assertRaises(access.InvalidToken):
+                access.read_token(signer.sign_object(payload, compress=True))
 
     def test_secret_key_fallbacks_still_open_old_tokens(self):
         token = PrivateTask(pk=1).stream_token()
