@@ -84,7 +84,7 @@ def task_key(task: "StreamTask") -> TaskKey:
     """The key a token names a task by: its concrete model (a proxy's rows are its model's) and pk."""
     if task.pk is None:
         raise ValueError(f"{type(task).__name__} has no primary key yet: save it before minting a token")
-    return TaskKey.of(task._meta.concrete_model or type(task), task.pk)
+    return TaskKey.of(task)
 
 
 def stream_token(

@@ -14,10 +14,14 @@ class TaskKey(NamedTuple):
 
     @classmethod
     def of(cls, model: "type[Model] | Model", pk: object = None) -> "TaskKey":
-        """The key of a task row (``TaskKey.of(task)``) or of a model and pk."""
+        """The key of a task row (``TaskKey.of(task)``) or of a model and pk.
+
+        A proxy model's rows are its concrete model's: they share one key.
+        """
         if pk is None and not isinstance(model, type):
             pk = model.pk
-        return cls(model._meta.label_lower, str(pk))
+        meta = model._meta.concrete_model._meta if model._meta.concrete_model else model._meta
+        return cls(meta.label_lower, str(pk))
 
     @classmethod
     def parse(cls, text: str) -> "TaskKey":

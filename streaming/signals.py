@@ -22,7 +22,7 @@ def _concrete(sender: type[StreamTask]) -> type[StreamTask]:
 
 
 def _task_saved(sender: type[StreamTask], instance: StreamTask, created: bool, **kwargs: object) -> None:
-    key = TaskKey.of(_concrete(sender), instance.pk)
+    key = TaskKey.of(sender, instance.pk)
     transaction.on_commit(lambda: wake.row_changed(key))
     if instance.status == Status.PENDING:
         transaction.on_commit(wake.wake_runners)
