@@ -5,9 +5,9 @@ DJANGO_SECRET_KEY (else a random key made once and kept in .secret_key
 beside manage.py, never a key written here), DJANGO_DEBUG=1 to turn DEBUG on
 (off by default), DJANGO_ALLOWED_HOSTS (comma-separated; this machine's
 loopback names by default), DATABASE_URL (an SQLite file beside manage.py
-when unset). Streaming options live in the one STREAMING dict; the
-STREAMING_* variables below exist so the end-to-end tests can start servers
-with short timings; a project of your own sets STREAMING however it likes.
+when unset). Streaming options live in the one STREAMING dict, taken here
+from STREAMING_* variables (the end-to-end tests start servers with short
+timings that way); a project of your own sets STREAMING however it likes.
 """
 
 import os
@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import dj_database_url
+
+from streaming.conf import from_environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -121,29 +123,9 @@ USE_TZ = True
 STATIC_URL = "static/"
 
 
-def _env_float(name):
-    value = os.environ.get(name)
-    return float(value) if value else None
-
-
-def _env_bool(name):
-    value = os.environ.get(name)
-    return value.strip().lower() in ("1", "true", "yes", "on") if value else None
-
-
-STREAMING = {
-    key: value
-    for key, value in {
-        "BROKER_URL": os.environ.get("STREAMING_BROKER_URL") or None,
-        "POLL_INTERVAL": _env_float("STREAMING_POLL_INTERVAL"),
-        "LEASE_SECONDS": _env_float("STREAMING_LEASE_SECONDS"),
-        "KEEPALIVE_INTERVAL": _env_float("STREAMING_KEEPALIVE_INTERVAL"),
-        "CLIENT_SEND_TIMEOUT": _env_float("STREAMING_CLIENT_SEND_TIMEOUT"),
-        "SHUTDOWN_GRACE": _env_float("STREAMING_SHUTDOWN_GRACE"),
-        "RUN_TASKS": _env_bool("STREAMING_RUN_TASKS"),
-    }.items()
-    if value is not None
-}
+# Every STREAMING setting can be given as an environment variable
+# (STREAMING_MAX_STREAMS=5000, STREAMING_CORS_ALLOWED_ORIGINS=https://a,https://b).
+STREAMING = from_environ()
 
 LOGGING = {
     "version": 1,

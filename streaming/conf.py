@@ -1,7 +1,10 @@
 """The STREAMING settings dict, with its documented defaults."""
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from functools import cache
+from typing import Any, get_args, get_origin, get_type_hints
 
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
@@ -47,6 +50,39 @@ class StreamingSettings:
     REDIS_STREAM_MAXLEN: int = 10_000
     REDIS_STREAM_TTL: float = 3600.0
 
+    # -- Browsers of other origins (CORS) --
+    # Origins whose pages may open streams and read statuses, e.g.
+    # ("https://app.example.com",); "*" lets any origin (without cookies).
+    # A request from any other origin is refused (403). Same-origin pages
+    # need nothing here.
+    CORS_ALLOWED_ORIGINS: tuple[str, ...] = ()
+    # Whether an allowed origin's page may stream with the user's session
+    # cookie (EventSource(url, {withCredentials: true})). Off: such a page
+    # streams with a token only, and its cookies are ignored.
+    CORS_ALLOW_CREDENTIALS: bool = False
+
+    # -- Limits (per server process); over one, a 503 with Retry-After --
+    # Open streams in all.
+    MAX_STREAMS: int = 20_000
+    # Open streams per client address (see TRUSTED_PROXIES behind a proxy).
+    MAX_STREAMS_PER_CLIENT: int = 500
+    # Open streams per task (None: only MAX_STREAMS applies).
+    MAX_STREAMS_PER_TASK: int | None = None
+    # Open connections of any kind (streams, pages, requests still arriving).
+    # None: the file-descriptor limit (raised to its hard limit at start)
+    # less a reserve for the database, Redis and files.
+    MAX_CONNECTIONS: int | None = None
+    # A client must send its whole request line and headers within this many
+    # seconds of connecting (slowloris, idle sockets): 408, then closed.
+    HEADER_TIMEOUT: float = 10.0
+    # Most bytes of request line and headers (431 over it; 414 for a URL
+    # over 8 KiB).
+    MAX_HEADER_BYTES: int = 64 * 1024
+    # Peers whose X-Forwarded-For names the client (your reverse proxy), as
+    # addresses or networks; the client's address is then the nearest
+    # untrusted one in that header. Others are counted by their own address.
+    TRUSTED_PROXIES: tuple[str, ...] = ("127.0.0.1", "::1")
+
 
 @cache
 def get_settings() -> StreamingSettings:
@@ -58,6 +94,57 @@ def get_settings() -> StreamingSettings:
             f"Unknown STREAMING setting(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}."
         )
     return replace(StreamingSettings(), **given)
+
+
+def from_environ(prefix: str = "STREAMING_", environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """STREAMING settings given as environment variables (``STREAMING_MAX_STREAMS=5000``,
+    ``STREAMING_CORS_ALLOWED_ORIGINS=https://a.example,https://b.example``), parsed by
+    each setting's type; variables that are unset or empty are left out.
+
+    For a settings module that takes its configuration from the environment::
+
+        STREAMING = {**from_environ(), "BROKER_URL": "redis://..."}
+    """
+    environ = os.environ if environ is None else environ
+    hints = get_type_hints(StreamingSettings)
+    values: dict[str, Any] = {}
+    for field in fields(StreamingSettings):
+        raw = environ.get(prefix + field.name, "").strip()
+        if not raw:
+            continue
+        try:
+            values[field.name] = _parse_setting(hints[field.name], raw)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"{prefix}{field.name}={raw!r}: expected {hints[field.name]}"
+            ) from None
+    return values
+
+
+def _parse_setting(hint: Any, raw: str) -> Any:
+    if get_origin(hint) is tuple:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    optional = type(None) in get_args(hint)
+    if optional and raw.lower() == "none":
+        return None
+    kind = next(kind for kind in get_args(hint) if kind is not type(None)) if optional else hint
+    if kind is bool:
+        if raw.lower() not in _BOOLEANS:
+            raise ValueError(raw)
+        return _BOOLEANS[raw.lower()]
+    return kind(raw)
+
+
+_BOOLEANS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 
 
 def reset_settings_cache(**_kwargs: object) -> None:
