@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = Path(tempfile.gettempdir()) / "streaming-bench-access"
@@ -46,6 +47,7 @@ async def measure(requests: int) -> None:
     from django.contrib.auth.models import Permission, User
     from django.test import Client
 
+    from streaming.conf import get_settings
     from streaming.tests.testapp.models import PrivateTask, ScriptedTask
     from streaming.web.app import Opened, StreamingApp
 
@@ -64,7 +66,8 @@ async def measure(requests: int) -> None:
 
     public, private, cookies = await sync_to_async(prepare)()
     app = StreamingApp()
-    app.node = object()  # type: ignore[assignment]  # open_stream only asks whether one runs
+    # open_stream asks whether a node runs, and for its settings (CORS, limits)
+    app.node = SimpleNamespace(settings=get_settings())  # type: ignore[assignment]
     host = [(b"host", b"127.0.0.1:8888")]
     token = private.stream_token(expires_in=3600)
     cases = {
@@ -95,11 +98,15 @@ async def measure(requests: int) -> None:
         result = await app.open_stream("GET", path, query, headers)  # warm up, and check the answer
         ok = isinstance(result, Opened) if expected else getattr(result, "status", None) == 403
         assert ok, (name, result)
+        if isinstance(result, Opened):
+            result.release()
         times = []
         for _ in range(requests):
             started = time.perf_counter()
-            await app.open_stream("GET", path, query, headers)
+            result = await app.open_stream("GET", path, query, headers)
             times.append(time.perf_counter() - started)
+            if isinstance(result, Opened):
+                result.release()  # its place under the stream limits
         median, mean = statistics.median(times) * 1e6, statistics.fmean(times) * 1e6
         print(f"  {name:28s} {median:8.0f} us {mean:8.0f} us")
 

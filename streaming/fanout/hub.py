@@ -377,7 +377,11 @@ class Hub:
                             continue
                 if batch:
                     data, sub.after, terminal = next(self._pieces(batch))
+                    # Held no longer than this write: a client that reads nothing
+                    # keeps one chunk in its socket's buffer, not a log batch.
+                    del batch
                     sink.write(data)
+                    del data
                     if terminal:
                         return self._end(sub)
                     if sink.paused and not await self._drained(sub):

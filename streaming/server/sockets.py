@@ -11,7 +11,7 @@ token has one: the hub ends it when the token expires).
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,13 @@ STREAM_HEAD = (
 )
 
 
+def stream_head(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """The stream's response head; ``headers``: more of them (CORS), rarely any."""
+    if not headers:
+        return STREAM_HEAD
+    return STREAM_HEAD[:-2] + b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n"
+
+
 def encode_reply(reply: Reply, *, head_only: bool = False) -> bytes:
     lines = [
         f"HTTP/1.1 {reply.status} {HTTPStatus(reply.status).phrase}".encode(),
@@ -47,43 +54,73 @@ def encode_reply(reply: Reply, *, head_only: bool = False) -> bytes:
 class SocketStream(asyncio.Protocol):
     """One stream's connection after its request was read; a broker Sink."""
 
-    __slots__ = ("_app", "_broker", "_closer", "_drained", "_opening", "paused", "subscriber", "transport")
+    __slots__ = (
+        "_app",
+        "_broker",
+        "_closer",
+        "_drained",
+        "_opening",
+        "_release",
+        "on_close",
+        "paused",
+        "subscriber",
+        "transport",
+    )
 
-    def __init__(self, transport: asyncio.Transport, app: StreamingApp):
+    def __init__(
+        self, transport: asyncio.Transport, app: StreamingApp, *, on_close: Callable[[], None] | None = None
+    ):
         self.transport = transport
         self.paused = False
         self.subscriber: Subscriber | None = None
+        self.on_close = on_close  # the server's count of open connections
         self._app = app
         self._broker: Hub | None = None
         self._closer: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
         self._opening: asyncio.Task[None] | None = None
+        self._release: Callable[[], None] | None = None  # the stream's place under the limits
 
     def open(
-        self, method: str, path: str, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
+        self,
+        method: str,
+        path: str,
+        query_string: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        *,
+        client: str | None = None,
     ) -> None:
+        """Answer the request; ``client``: the peer's address."""
         self._opening = asyncio.get_running_loop().create_task(
-            self._open(method, path, query_string, headers), name="streaming-open"
+            self._open(method, path, query_string, headers, client), name="streaming-open"
         )
 
     async def _open(
-        self, method: str, path: str, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
+        self,
+        method: str,
+        path: str,
+        query_string: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        client: str | None,
     ) -> None:
         try:
-            opened = await self._app.open_stream(method, path, query_string, headers)
+            opened = await self._app.open_stream(method, path, query_string, headers, client=client)
         except Exception:
             logger.exception("Opening the stream %s failed", path)
             opened = Reply(500, "Internal server error\n")
         finally:
             self._opening = None
-        if self.transport.is_closing():
-            return  # the client left while we looked the task up
         if isinstance(opened, Reply):
-            self.transport.write(encode_reply(opened, head_only=method == "HEAD"))
-            self.transport.close()
+            if not self.transport.is_closing():
+                self.transport.write(encode_reply(opened, head_only=method == "HEAD"))
+                self.transport.close()
             return
-        key, after, expires_at = opened
-        self.transport.write(STREAM_HEAD)
+        if self.transport.is_closing():
+            opened.release()
+            return  # the client left while we looked the task up
+        self._release = opened.release
+        key, after, expires_at = opened.key, opened.after, opened.expires_at
+        self.transport.write(stream_head(opened.headers))
         assert self._app.node is not None  # open_stream() gave a key: the node runs (and is never unset)
         self._broker = self._app.node.hub
         if expires_at is None:
@@ -111,6 +148,12 @@ class SocketStream(asyncio.Protocol):
         self._wake_drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
         if self._closer is not None:
             self._closer.cancel()
         if self._opening is not None:

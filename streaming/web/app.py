@@ -7,6 +7,7 @@ the admin and everything else on the same port.
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -22,15 +23,19 @@ from urllib.parse import parse_qs
 from asgiref.sync import sync_to_async
 from django.conf import settings as django_settings
 from django.core.exceptions import ValidationError
+from django.core.handlers.asgi import ASGIHandler
 from django.http.request import split_domain_port, validate_host
 
 from .. import access
+from ..conf import StreamingSettings
 from ..events import ERROR, Event, notice
 from ..keys import TaskKey
 from ..models import Status
 from ..node import Node
 from ..tasks import store
 from ..tasks.registry import UnknownModel, resolve_model
+from .cors import PREFLIGHT_HEADERS, Cors, CrossOrigin
+from .limits import RETRY_AFTER_SECONDS, StreamLimits, client_address
 
 if TYPE_CHECKING:
     from ..asgi import ASGIApp, Receive, Send  # at run time asgi imports this module
@@ -65,13 +70,21 @@ class Reply:
 built: "weakref.WeakSet[StreamingApp]" = weakref.WeakSet()
 
 
+def _admitted_by_nobody() -> None:
+    pass
+
+
 class Opened(NamedTuple):
     """A stream request that may stream: task ``key`` from after ``after``,
-    until ``expires_at`` (Unix time; the token's expiry, None: no limit)."""
+    until ``expires_at`` (Unix time; the token's expiry, None: no limit).
+    The caller calls ``release`` once when the stream ends (its place under
+    the limits) and adds ``headers`` to the response head (CORS)."""
 
     key: TaskKey
     after: int | None
     expires_at: float | None = None
+    release: Callable[[], None] = _admitted_by_nobody
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class BadRequest(Exception):
@@ -120,6 +133,7 @@ class StreamingApp:
         self.node_factory = node_factory
         self.node: Node | None = None
         self._lookups: dict[tuple[type[StreamTask], object], asyncio.Future[StreamTask | None]] = {}
+        self._guards: tuple[Cors, StreamLimits] | None = None  # from the node's settings
         self._starting: asyncio.Future[Node] | None = None
         self._closed = False  # shut down: no request starts the node again
         self._lifespan_seen = False
@@ -142,10 +156,14 @@ class StreamingApp:
                 return await _respond(send, Reply(200, "OK"))
             if path.startswith("/stream/"):
                 return await self._stream_endpoint(scope, receive, send)
-        if kind == "websocket" and (self.django_app is None or scope["path"].startswith("/stream/")):
+        if kind == "websocket" and (
+            self.django_app is None
+            or scope["path"].startswith("/stream/")
+            or isinstance(self.django_app, ASGIHandler)  # Django's own speaks HTTP only (a 500 otherwise)
+        ):
             # Streams are SSE, not WebSocket: refused before the handshake
             # (the server answers 403). Other paths go to the wrapped app
-            # (which may speak WebSocket, e.g. Channels).
+            # when it may speak WebSocket (Channels).
             return await send({"type": "websocket.close", "code": 1008})
         if self.django_app is None:
             return await _respond(send, Reply(404, f"Not found: {scope.get('path', '')}\n"))
@@ -224,28 +242,88 @@ class StreamingApp:
     # -- /stream/... -----------------------------------------------------------------
 
     async def _stream_endpoint(self, scope: dict[str, Any], receive: "Receive", send: "Send") -> None:
+        client = scope.get("client")
         opened = await self.open_stream(
-            scope["method"], scope["path"], scope.get("query_string", b""), scope["headers"]
+            scope["method"],
+            scope["path"],
+            scope.get("query_string", b""),
+            scope["headers"],
+            client=client[0] if client else None,
         )
         if isinstance(opened, Reply):
             return await _respond(send, opened)
-        await self._stream(scope, receive, send, opened)
+        try:
+            await self._stream(scope, receive, send, opened)
+        finally:
+            opened.release()
 
     async def open_stream(
-        self, method: str, path: str, query_string: bytes, headers: Iterable[tuple[bytes, bytes]]
+        self,
+        method: str,
+        path: str,
+        query_string: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        *,
+        client: str | None = None,
     ) -> "Reply | Opened":
         """Answer a request for a stream: a ``Reply`` (an error, the JSON status,
         204), or ``Opened`` to start streaming. Shared by the ASGI path and
         server/protocol.py's direct socket path, so both decide alike: the
-        Host header (ALLOWED_HOSTS), then who may watch (streaming/access.py),
+        Host header (ALLOWED_HOSTS), the page's origin (CORS), who may watch
+        (streaming/access.py) and the limits (``client``: the peer's address),
         once, here; nothing is checked per event."""
         header_map = dict(headers)
-        if not _host_allowed(header_map):
+        host = _request_host(header_map)
+        if not _host_allowed(host):
             return Reply(400, "Invalid Host header\n")
-        if method != "GET":
-            return Reply(405, f"Method {method} not allowed; use GET\n", headers=((b"allow", b"GET"),))
         if self.node is None:
             return Reply(503, "Streaming node is not running\n")
+        cors, limits = self._guards or self._build_guards(self.node.settings)
+        cross_origin: CrossOrigin | None = None
+        origin = header_map.get(b"origin")
+        if origin is not None:
+            checked = cors.check(origin, host)
+            if isinstance(checked, str):
+                return Reply(403, checked)
+            cross_origin = checked
+        cors_headers = cross_origin.headers if cross_origin else ()
+        if method == "OPTIONS":
+            preflight = cross_origin is not None and b"access-control-request-method" in header_map
+            allow = PREFLIGHT_HEADERS if preflight else ((b"allow", b"GET, OPTIONS"),)
+            return Reply(204, "", headers=cors_headers + allow)
+        answer = await self._answer(
+            method,
+            path,
+            query_string,
+            header_map,
+            cookies=cross_origin is None or cross_origin.credentials,
+            client=client_address(client, header_map, self.node.settings.TRUSTED_PROXIES),
+            limits=limits,
+        )
+        if not cors_headers:
+            return answer
+        if isinstance(answer, Opened):
+            return answer._replace(headers=cors_headers)
+        return dataclasses.replace(answer, headers=answer.headers + cors_headers)
+
+    def _build_guards(self, settings: StreamingSettings) -> tuple[Cors, StreamLimits]:
+        self._guards = Cors(settings), StreamLimits(settings)
+        return self._guards
+
+    async def _answer(
+        self,
+        method: str,
+        path: str,
+        query_string: bytes,
+        header_map: dict[bytes, bytes],
+        *,
+        cookies: bool,
+        client: str | None,
+        limits: StreamLimits,
+    ) -> "Reply | Opened":
+        if method != "GET":
+            allow = ((b"allow", b"GET, OPTIONS"),)
+            return Reply(405, f"Method {method} not allowed; use GET\n", headers=allow)
         wants_status = b"application/json" in header_map.get(b"accept", b"")
         expires_at: float | None = None
         try:
@@ -264,7 +342,9 @@ class StreamingApp:
                         raise forbidden(model, pk)
                     expires_at = grant.expires_at
                 else:
-                    session = access.session_key(header_map)
+                    # A page of another origin streams with its cookies only where
+                    # CORS_ALLOW_CREDENTIALS says so.
+                    session = access.session_key(header_map) if cookies else None
                     user = await sync_to_async(access.session_user)(session) if session else None
                     if user is None:
                         raise forbidden(model, pk)
@@ -288,7 +368,11 @@ class StreamingApp:
             if last is not None and last.seq <= after:
                 # The client has seen the end; 204 tells an EventSource to stop reconnecting.
                 return Reply(204, "")
-        return Opened(key, after, expires_at)
+        admitted = limits.admit(key, client)
+        if isinstance(admitted, str):
+            retry = ((b"retry-after", str(RETRY_AFTER_SECONDS).encode()),)
+            return Reply(503, f"{admitted}; retry later\n", headers=retry)
+        return Opened(key, after, expires_at, admitted)
 
     async def _find(self, model: "type[StreamTask]", pk: object) -> "StreamTask | None":
         """The task's row. Requests for a row arriving together (a thousand
@@ -329,11 +413,12 @@ class StreamingApp:
 
     async def _stream(self, scope: dict[str, Any], receive: "Receive", send: "Send", opened: Opened) -> None:
         assert self.node is not None  # open_stream() gave a key: the node runs (and is never unset)
-        key, after, expires_at = opened
+        key, after, expires_at = opened.key, opened.after, opened.expires_at
         ends_in, last = (
             (None, b"") if expires_at is None else (expires_at - time.time(), access_expired(expires_at))
         )
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        headers = [*SSE_HEADERS, *opened.headers]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         streaming = asyncio.current_task()
         assert streaming is not None  # a coroutine the server runs in a task
         disconnected = False
@@ -371,14 +456,19 @@ class StreamingApp:
             watcher.cancel()
 
 
-def _host_allowed(headers: dict[bytes, bytes]) -> bool:
-    """Django's ALLOWED_HOSTS rule (``HttpRequest.get_host``): the Host header
-    (X-Forwarded-Host with USE_X_FORWARDED_HOST), DEBUG's localhost defaults
-    when ALLOWED_HOSTS is empty. A request without a Host header (HTTP/1.0)
-    passes only ``"*"``, as Django's own would (its server name is unknown)."""
-    raw = headers.get(b"host")
+def _request_host(headers: dict[bytes, bytes]) -> bytes | None:
+    """The host a request was sent to: the Host header, or X-Forwarded-Host
+    with USE_X_FORWARDED_HOST (as ``HttpRequest.get_host``)."""
     if django_settings.USE_X_FORWARDED_HOST and b"x-forwarded-host" in headers:
-        raw = headers[b"x-forwarded-host"]
+        return headers[b"x-forwarded-host"]
+    return headers.get(b"host")
+
+
+def _host_allowed(raw: bytes | None) -> bool:
+    """Django's ALLOWED_HOSTS rule for the request's host, DEBUG's localhost
+    defaults when ALLOWED_HOSTS is empty. A request without a Host header
+    (HTTP/1.0) passes only ``"*"``, as Django's own would (its server name is
+    unknown)."""
     allowed = django_settings.ALLOWED_HOSTS
     if raw is None:
         return "*" in allowed

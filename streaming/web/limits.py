@@ -1,0 +1,127 @@
+"""How many streams a server process holds: in all, per client address, per task.
+
+Counted when a stream is admitted and released when its connection ends;
+nothing here runs per event. Over a limit the client gets a 503 with
+Retry-After and every other stream goes on.
+"""
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Mapping
+from functools import cache
+from typing import TypeVar
+
+from django.core.exceptions import ImproperlyConfigured
+
+from ..conf import StreamingSettings
+from ..keys import TaskKey
+
+logger = logging.getLogger("streaming.limits")
+
+RETRY_AFTER_SECONDS = 5
+LOG_EVERY_SECONDS = 10.0
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class StreamLimits:
+    """The open streams of this process, counted per client and per task."""
+
+    def __init__(self, settings: StreamingSettings) -> None:
+        self.max_streams = settings.MAX_STREAMS
+        self.max_per_client = settings.MAX_STREAMS_PER_CLIENT
+        self.max_per_task = settings.MAX_STREAMS_PER_TASK
+        self.open = 0
+        self.per_client: dict[str, int] = {}
+        self.per_task: dict[TaskKey, int] = {}
+        self._refused = 0
+        self._logged_at = 0.0
+        try:
+            _networks(settings.TRUSTED_PROXIES)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"STREAMING['TRUSTED_PROXIES']: {exc}") from None
+
+    def admit(self, key: TaskKey, client: str | None) -> "Callable[[], None] | str":
+        """A release callable for an admitted stream (call it once, when the
+        stream ends), or why it is refused."""
+        if self.open >= self.max_streams:
+            return self._refuse(f"Server at its stream limit ({self.max_streams} open streams)")
+        if client is not None and self.per_client.get(client, 0) >= self.max_per_client:
+            return self._refuse(f"Too many streams from {client} (at most {self.max_per_client})")
+        if self.max_per_task is not None and self.per_task.get(key, 0) >= self.max_per_task:
+            return self._refuse(f"Too many streams of this task (at most {self.max_per_task})")
+        self.open += 1
+        if client is not None:
+            self.per_client[client] = self.per_client.get(client, 0) + 1
+        if self.max_per_task is not None:
+            self.per_task[key] = self.per_task.get(key, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.open -= 1
+            if client is not None:
+                _decrement(self.per_client, client)
+            if self.max_per_task is not None:
+                _decrement(self.per_task, key)
+
+        return release
+
+    def _refuse(self, reason: str) -> str:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY_SECONDS:
+            logger.warning(
+                "Refused %d stream(s) with 503 since the last report (latest: %s)",
+                self._refused,
+                reason,
+            )
+            self._refused, self._logged_at = 0, now
+        return reason
+
+
+K = TypeVar("K")
+
+
+def _decrement(counts: dict[K, int], key: K) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+
+
+def client_address(
+    peer: str | None, headers: Mapping[bytes, bytes], trusted_proxies: tuple[str, ...]
+) -> str | None:
+    """The client's address: the peer's, or behind a trusted proxy the nearest
+    address in X-Forwarded-For that is not a trusted proxy itself."""
+    if peer is None or not _trusted(peer, trusted_proxies):
+        return peer
+    forwarded = headers.get(b"x-forwarded-for")
+    if not forwarded:
+        return peer
+    hops = [hop.strip() for hop in forwarded.decode("latin-1").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted_proxies):
+            return hop[:64]  # a bounded key, whatever the header says
+    return hops[0][:64] if hops else peer
+
+
+def _trusted(address: str, trusted_proxies: tuple[str, ...]) -> bool:
+    if not trusted_proxies:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in _networks(trusted_proxies))
+
+
+@cache
+def _networks(trusted_proxies: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in trusted_proxies)
