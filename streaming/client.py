@@ -57,6 +57,9 @@ class StreamError(Exception):
     """The stream could not be read to its end."""
 
 
+MAX_RETRY_AFTER = 60.0
+
+
 class StreamHTTPError(StreamError):
     """The server answered with a status other than 200 or 204."""
 
@@ -105,15 +108,20 @@ def _stream(
     reconnects = 0
     while True:
         headers = {"Last-Event-ID": last_id} if last_id else {}
+        retry_after: float | None = None
         try:
             with connect_sse(client, "GET", url, headers=headers, timeout=timeout) as source:
                 response = source.response
                 if response.status_code == 204:  # nothing after our last event: it has ended
                     return
-                if response.status_code != 200:
+                retry_after = _retry_after(response)
+                if retry_after is None and response.status_code != 200:
                     response.read()
                     message = response.text.strip() or response.reason_phrase
                     raise StreamHTTPError(response.status_code, message)
+                if retry_after is not None:  # busy (at a stream limit): come back when it says
+                    response.read()
+                    raise _Busy
                 for sse in source.iter_sse():
                     if sse.id:
                         last_id = sse.id
@@ -130,7 +138,7 @@ def _stream(
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             if received == 0 and reconnects == 0:
                 raise StreamConnectError(f"cannot connect to {url} ({exc}); is the server running?") from None
-        except (httpx.ReadError, httpx.RemoteProtocolError):
+        except (httpx.ReadError, httpx.RemoteProtocolError, _Busy):
             pass
         # The stream ended before the task did: the server restarted or dropped us.
         reconnects += 1
@@ -138,7 +146,22 @@ def _stream(
             raise StreamError(f"connection lost and {max_reconnects} reconnects failed")
         if on_reconnect is not None:
             on_reconnect(last_id, reconnects)
-        time.sleep(min(2.0, 0.25 * reconnects))
+        time.sleep(retry_after if retry_after is not None else min(2.0, 0.25 * reconnects))
+
+
+class _Busy(Exception):
+    """A 503 with Retry-After: reconnect after that long."""
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds a 503 asks the client to wait (capped at a minute), or None."""
+    if response.status_code != 503:
+        return None
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:  # absent, or an HTTP date: not ours to guess at
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _event(sse: ServerSentEvent) -> Event | None:

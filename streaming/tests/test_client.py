@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import threading
+from unittest import mock
 
 import httpx
 from django.test import SimpleTestCase, TransactionTestCase
@@ -177,6 +178,39 @@ class ReconnectTests(SimpleTestCase):
         with client, self.assertRaisesRegex(StreamError, "^connection lost and 2 reconnects failed$"):
             list(stream_events("http://test/stream/ContinueTask/1", client=client, max_reconnects=2))
         self.assertEqual(len(requests), 3)
+
+
+class BusyServerTests(SimpleTestCase):
+    def test_a_503_with_retry_after_is_retried_after_that_long(self):
+        busy = httpx.Response(
+            503, headers={"retry-after": "5"}, text="Server at its stream limit; retry later\n"
+        )
+        client, requests = mock_client(
+            sse_response(b'event: started\ndata: {"n": 1}\nid: 1\n\n'),
+            busy,
+            sse_response(b'event: complete\ndata: {"n": 2}\nid: 2\n\n'),
+        )
+        with mock.patch("streaming.client.time.sleep") as sleep:
+            received = events_of(client)
+        self.assertEqual([e.id for e in received], ["1", "2"])
+        self.assertEqual([r.headers.get("last-event-id") for r in requests], [None, "1", "1"])
+        self.assertEqual([c.args[0] for c in sleep.call_args_list], [0.25, 5.0])
+
+    def test_busy_for_ever_gives_up_after_max_reconnects(self):
+        busy = [httpx.Response(503, headers={"retry-after": "600"}) for _ in range(3)]
+        client, _ = mock_client(*busy)
+        with (
+            mock.patch("streaming.client.time.sleep") as sleep,
+            client,
+            self.assertRaisesRegex(StreamError, "2 reconnects failed"),
+        ):
+            list(stream_events("http://test/stream/ContinueTask/1", client=client, max_reconnects=2))
+        self.assertEqual([c.args[0] for c in sleep.call_args_list], [60.0, 60.0])  # capped
+
+    def test_a_503_without_retry_after_raises(self):
+        client, _ = mock_client(httpx.Response(503, text="Streaming node is not running\n"))
+        with self.assertRaisesRegex(StreamHTTPError, "HTTP 503: Streaming node is not running"):
+            events_of(client)
 
 
 class StatusTests(SimpleTestCase):
