@@ -142,9 +142,13 @@ class AnonymousAccessTests(AccessCase):
         user = User.objects.create_superuser("root", password="pw")
         task = PrivateTask.objects.create(steps=1)
         cookie = self.session_cookie(user)
-        self.assertEqual(self.status(self.url(task), cookie=cookie).status_code, 200)  # the session works...
+        allowed = self.status(self.url(task), cookie=cookie)
+        self.assertEqual(allowed.status_code, 200)  # the session works...
+        self.assertEqual(allowed.headers["cache-control"], "no-store")  # ...for this request only
         self.client.logout()  # ...until it is logged out (its row deleted)
-        self.assertRefused(self.status(self.url(task), cookie=cookie), 403, "Not allowed")
+        refused = self.status(self.url(task), cookie=cookie)
+        self.assertRefused(refused, 403, "Not allowed")
+        self.assertEqual(refused.headers["cache-control"], "no-store")
         garbage = f"{settings.SESSION_COOKIE_NAME}=nosuchsessionkeyatall0123456789"
         self.assertRefused(self.get(self.url(task), cookie=garbage), 403, "Not allowed")
         # A session cookie is not a token: no 401 for it.

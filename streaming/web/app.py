@@ -539,7 +539,14 @@ def reply_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
     if reply.status == 204:  # no body, so no content headers
         return list(reply.headers)
     length = str(len(reply.body.encode())).encode()
-    return [(b"content-type", reply.content_type), (b"content-length", length), *reply.headers]
+    return [
+        (b"content-type", reply.content_type),
+        (b"content-length", length),
+        # A task's status (or whether one may see it) is for this request only:
+        # no cache between server and client keeps it for another.
+        (b"cache-control", b"no-store"),
+        *reply.headers,
+    ]
 
 
 def warn_about_topology(node: Node) -> None:
