@@ -13,8 +13,9 @@ import uvicorn
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from ..conf import get_settings
 from ..web.app import StreamingApp, built
-from .protocol import StreamingHttpProtocol
+from .protocol import ServerLimits, StreamingHttpProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ class StreamingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._stop_node()
+        limits = getattr(self.config.http, "limits", None)  # our protocol's (make_config)
+        if isinstance(limits, ServerLimits):
+            limits.flush_logs()
         await super().shutdown(sockets)
         await self.streaming_app.shutdown()  # the stop begun above: done before uvicorn re-raises the signal
 
@@ -131,9 +135,18 @@ def make_config(
     streaming_app: StreamingApp | None = None,
     **options: Any,
 ) -> uvicorn.Config:
-    """uvicorn's config; ``streaming_app``: the StreamingApp inside ``app`` when ``app`` wraps it."""
+    """uvicorn's config; ``streaming_app``: the StreamingApp inside ``app`` when ``app`` wraps it.
+
+    Called once in each server process: the protocol class it builds carries
+    that server's limits (HEADER_TIMEOUT, MAX_HEADER_BYTES, MAX_CONNECTIONS,
+    read here) and its count of open connections. (A --workers supervisor
+    calls it without an app, only to bind the socket: no limits then.)
+    """
     streaming_app = streaming_app or app
-    protocol = type("StreamingHttpProtocol", (StreamingHttpProtocol,), {"streaming_app": streaming_app})
+    protocol: type[StreamingHttpProtocol] | None = None
+    if streaming_app is not None:
+        attributes = {"streaming_app": streaming_app, "limits": ServerLimits.from_settings(get_settings())}
+        protocol = type("StreamingHttpProtocol", (StreamingHttpProtocol,), attributes)
     return uvicorn.Config(
         app,
         host=host or "127.0.0.1",  # unused when serving on given sockets (a worker)
@@ -142,7 +155,7 @@ def make_config(
         loop="uvloop",
         # The protocol class carries the app: uvicorn may wrap the ASGI app
         # in middleware, and a taken-over stream needs the app itself.
-        http=protocol if streaming_app is not None else "httptools",
+        http=protocol or "httptools",
         # A wrapping app (a Channels router) may refuse the lifespan; the
         # server starts the node itself anyway.
         lifespan="on" if app is streaming_app else "auto",

@@ -35,7 +35,7 @@ from ..node import Node
 from ..tasks import store
 from ..tasks.registry import UnknownModel, resolve_model
 from .cors import PREFLIGHT_HEADERS, Cors, CrossOrigin
-from .limits import RETRY_AFTER_SECONDS, StreamLimits, client_address
+from .limits import RETRY_AFTER, StreamLimits, client_address
 
 if TYPE_CHECKING:
     from ..asgi import ASGIApp, Receive, Send  # at run time asgi imports this module
@@ -370,7 +370,7 @@ class StreamingApp:
                 return Reply(204, "")
         admitted = limits.admit(key, client)
         if isinstance(admitted, str):
-            retry = ((b"retry-after", str(RETRY_AFTER_SECONDS).encode()),)
+            retry = ((b"retry-after", str(RETRY_AFTER).encode()),)
             return Reply(503, f"{admitted}; retry later\n", headers=retry)
         return Opened(key, after, expires_at, admitted)
 

@@ -2,12 +2,15 @@
 
 Counted when a stream is admitted and released when its connection ends;
 nothing here runs per event. Over a limit the client gets a 503 with
-Retry-After and every other stream goes on.
+Retry-After and every other stream goes on. Refusals are logged as counts
+(``RateLimitedLog``, shared with the server's connection limits), never a
+line per request.
 """
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
-import time
 from collections.abc import Callable, Mapping
 from functools import cache
 from typing import TypeVar
@@ -17,10 +20,12 @@ from django.core.exceptions import ImproperlyConfigured
 from ..conf import StreamingSettings
 from ..keys import TaskKey
 
-logger = logging.getLogger("streaming.limits")
+logger = logging.getLogger(__name__)
 
-RETRY_AFTER_SECONDS = 5
-LOG_EVERY_SECONDS = 10.0
+# What a 503 at a limit (here, or the server's connection limit) asks a client to wait, in seconds.
+RETRY_AFTER = 5
+# Refusals and timeouts are logged at most once per this many seconds, as counts.
+LOG_EVERY = 10.0
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -35,8 +40,12 @@ class StreamLimits:
         self.open = 0
         self.per_client: dict[str, int] = {}
         self.per_task: dict[TaskKey, int] = {}
-        self._refused = 0
-        self._logged_at = 0.0
+        self.refused = RateLimitedLog(
+            logging.WARNING,
+            f"Refused %d stream(s) with 503 at a stream limit (MAX_STREAMS={self.max_streams}, "
+            f"MAX_STREAMS_PER_CLIENT={self.max_per_client}, MAX_STREAMS_PER_TASK={self.max_per_task}). "
+            f"Logged at most every {LOG_EVERY:g} s.",
+        )
         try:
             _networks(settings.TRUSTED_PROXIES)
         except ValueError as exc:
@@ -72,16 +81,43 @@ class StreamLimits:
         return release
 
     def _refuse(self, reason: str) -> str:
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._logged_at >= LOG_EVERY_SECONDS:
-            logger.warning(
-                "Refused %d stream(s) with 503 since the last report (latest: %s)",
-                self._refused,
-                reason,
-            )
-            self._refused, self._logged_at = 0, now
+        self.refused.add()
         return reason
+
+
+class RateLimitedLog:
+    """Counts events; logs the first at once, then what came since at most every LOG_EVERY s.
+
+    One timer per process while events keep coming; none when quiet.
+    """
+
+    def __init__(self, level: int, message: str) -> None:
+        self.level = level
+        self.message = message  # formatted with the count
+        self.count = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self) -> None:
+        self.count += 1
+        if self._timer is None:
+            self._tick()
+
+    def flush(self) -> bool:
+        """Log what was counted since the last line, if anything (also at shutdown)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.count:
+            return False
+        logger.log(self.level, self.message, self.count)
+        self.count = 0
+        return True
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self.flush():
+            with contextlib.suppress(RuntimeError):  # no loop (a test, a thread): one line each
+                self._timer = asyncio.get_running_loop().call_later(LOG_EVERY, self._tick)
 
 
 K = TypeVar("K")
