@@ -14,12 +14,16 @@ __version__ = "0.2.0.dev0"
 
 if TYPE_CHECKING:
     from .models import FINISHED_STATUSES, Recovery, Status, StreamTask, TaskEvent
+    from .tasks.run import LeaseLost
 
-__all__ = ["FINISHED_STATUSES", "Recovery", "Status", "StreamTask", "TaskEvent", "__version__"]
+__all__ = ["FINISHED_STATUSES", "LeaseLost", "Recovery", "Status", "StreamTask", "TaskEvent", "__version__"]
 
 _LAZY = {
-    name: "streaming.models"
-    for name in ("FINISHED_STATUSES", "Recovery", "Status", "StreamTask", "TaskEvent")
+    **{
+        name: "streaming.models"
+        for name in ("FINISHED_STATUSES", "Recovery", "Status", "StreamTask", "TaskEvent")
+    },
+    "LeaseLost": "streaming.tasks.run",
 }
 
 

@@ -20,6 +20,12 @@ class StreamingSettings:
     # A running task's lease; renewed every LEASE_SECONDS / 3. A lease that
     # runs out marks the task as orphaned (its server died).
     LEASE_SECONDS: float = 15.0
+    # A run stops itself (process() cancelled, nothing more sent) once
+    # LEASE_SECONDS - LEASE_MARGIN seconds have passed on this node's
+    # monotonic clock since its last successful renewal began, so it is over
+    # before any other node can take the task over; the margin covers clock
+    # skew between nodes and the database. None: LEASE_SECONDS / 5 (3 s).
+    LEASE_MARGIN: float | None = None
     # Most tasks one server runs at a time; the rest wait as pending.
     MAX_CONCURRENT_TASKS: int = 1000
     # Events kept in memory per task for late joiners and resumes; older
@@ -84,6 +90,17 @@ class StreamingSettings:
     TRUSTED_PROXIES: tuple[str, ...] = ("127.0.0.1", "::1")
 
 
+def lease_margin(settings: StreamingSettings) -> float:
+    """The effective LEASE_MARGIN; it must leave a run more than one renewal interval."""
+    margin = settings.LEASE_SECONDS / 5 if settings.LEASE_MARGIN is None else settings.LEASE_MARGIN
+    if not 0 <= margin < settings.LEASE_SECONDS * 2 / 3:
+        raise ImproperlyConfigured(
+            f"STREAMING['LEASE_MARGIN'] = {margin:g} must be at least 0 and less than two thirds of "
+            f"LEASE_SECONDS ({settings.LEASE_SECONDS:g}): leases are renewed every third of it"
+        )
+    return margin
+
+
 @cache
 def get_settings() -> StreamingSettings:
     given = getattr(django_settings, "STREAMING", {}) or {}
@@ -93,7 +110,9 @@ def get_settings() -> StreamingSettings:
         raise ImproperlyConfigured(
             f"Unknown STREAMING setting(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}."
         )
-    return replace(StreamingSettings(), **given)
+    settings = replace(StreamingSettings(), **given)
+    lease_margin(settings)  # a bad one fails at start-up
+    return settings
 
 
 def from_environ(prefix: str = "STREAMING_", environ: Mapping[str, str] | None = None) -> dict[str, Any]:

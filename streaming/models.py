@@ -152,6 +152,22 @@ class StreamTask(models.Model):
                 else:
                     await asyncio.sleep(interval)
 
+    @property
+    def attempt(self) -> int:
+        """This run's number (1 for the first, 2 after one interruption, ...): a
+        fencing token for writes to other systems. A write that carries it can
+        be refused there once a later attempt has written (an upsert guarded
+        by ``attempt >= stored attempt``, say)."""
+        return self._current_run().attempt
+
+    async def check_lease(self) -> float:
+        """Prove, with the database, that this run still holds the task; call it
+        just before a side effect that must not happen twice. Returns the
+        seconds the lease is proven for from now; raises
+        ``streaming.LeaseLost`` (a ``CancelledError``: let it propagate) if
+        another node holds the task or the lease could not be proven in time."""
+        return await self._current_run().check_lease()
+
     def _current_run(self) -> "TaskRun":
         run = self._stream_run
         if run is None:

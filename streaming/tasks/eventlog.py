@@ -16,13 +16,14 @@ class EventLog:
     def __init__(self, flush_interval: float, batch_size: int) -> None:
         self.flush_interval = flush_interval
         self.batch_size = batch_size
-        self._pending: list[tuple[TaskKey, Event]] = []
+        self._pending: list[store.LogRow] = []
         self._lock = asyncio.Lock()
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def append(self, key: TaskKey, event: Event) -> None:
-        self._pending.append((key, event))
+    def append(self, key: TaskKey, event: Event, fence: store.Fence | None = None) -> None:
+        """Queue ``event`` for the log; with a ``fence``, only while that run holds the task."""
+        self._pending.append((key, event, fence))
         if len(self._pending) >= self.batch_size:
             self._full.set()
 
@@ -35,8 +36,16 @@ class EventLog:
             written = 0
             try:
                 for start in range(0, len(batch), self.batch_size):
-                    await sync_to_async(store.write_events)(batch[start : start + self.batch_size])
+                    dropped = await sync_to_async(store.write_log)(batch[start : start + self.batch_size])
                     written = start + self.batch_size
+                    for key, event, fence in dropped:
+                        assert fence is not None  # only fenced rows are dropped
+                        logger.warning(
+                            "Not logging event %d of %s: attempt %d no longer holds the task",
+                            event.seq,
+                            key,
+                            fence.attempt,
+                        )
             except BaseException:
                 # Failed or cancelled: keep what is not surely written for the
                 # next flush (a write that did land is skipped as a duplicate).

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 
+from ..conf import lease_margin
 from ..events import CANCELLED, COMPLETE, ERROR, RETRY, to_json_value
 from ..keys import TaskKey
 from ..models import Recovery, Status
@@ -41,6 +42,10 @@ class Runner:
         self.eventlog = eventlog
         self.settings = settings
         self.owner = owner or store.new_owner_id()
+        # How long a claim or renewal proves a lease for, on this node's clock:
+        # a run stops that long after its last renewal began, before any other
+        # node may take its task over (LEASE_SECONDS after that renewal).
+        self.lease_span = settings.LEASE_SECONDS - lease_margin(settings)
         self.runs: dict[TaskKey, TaskRun] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -166,11 +171,13 @@ class Runner:
         free = self.settings.MAX_CONCURRENT_TASKS - len(self.runs)
         if free <= 0:
             return
+        began = time.monotonic()  # the lease runs from before the claim was sent
         claims = await sync_to_async(store.claim_pending)(
             stream_models(), free, self.owner, self.settings.LEASE_SECONDS
         )
         for claim in claims:
             run = TaskRun(self, claim)
+            run.hold_until(began + self.lease_span)
             self.runs[run.key] = run
             run.task = asyncio.create_task(self._execute(run), name=f"streaming-task {run.key}")
 
@@ -191,13 +198,21 @@ class Runner:
     async def _maintain(self) -> None:
         lease = self.settings.LEASE_SECONDS
         if self.runs:
-            for model, pk in await sync_to_async(store.renew_leases)(
-                self._running_by_model(), self.owner, lease
-            ):
-                run = self.runs.get(TaskKey.of(model, pk))
-                if run and run.task:
-                    logger.warning("Lost the lease of %s; stopping it here", run.key)
-                    run.lease_lost = True
+            renewing = list(self.runs.values())
+            began = time.monotonic()
+            lost = {
+                TaskKey.of(model, pk)
+                for model, pk in await sync_to_async(store.renew_leases)(
+                    self._running_by_model(), self.owner, lease
+                )
+            }
+            for run in renewing:
+                if run.task is None or run.task.done():
+                    continue
+                if run.key not in lost:
+                    run.hold_until(began + self.lease_span)
+                elif run.task and not run.lease_lost:
+                    run.lose("another node holds the task")
                     run.task.cancel()
         recovered = await sync_to_async(store.recover_orphans)(stream_models(), self.owner, lease)
         for item in recovered:
@@ -277,6 +292,7 @@ class Runner:
         except Exception:
             logger.exception("Ending task %s failed; its lease will expire", run.key)
         finally:
+            run.release()
             self.runs.pop(run.key, None)
             self.hub.run_stopped(run.key)
 

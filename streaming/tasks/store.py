@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import connection, transaction
 from django.db.models import F, Max
@@ -124,6 +124,30 @@ def reserve_seq(model: type[StreamTask], pk: object, owner: str, upto: int) -> b
     )
 
 
+class Fence(NamedTuple):
+    """Who may write for a task: the run of ``attempt`` by ``owner``. A write
+    fenced with it lands only while the row still says so (status running,
+    that owner, that attempt), checked in the write's own transaction."""
+
+    model: type[StreamTask]
+    pk: object
+    owner: str
+    attempt: int
+
+
+def renew_lease(fence: Fence, lease_seconds: float) -> bool:
+    """Renew one run's lease now; False if the row no longer belongs to that run."""
+    return bool(
+        _fenced(fence.model, fence.owner)
+        .filter(pk=fence.pk, attempts=fence.attempt)
+        .update(lease_expires_at=timezone.now() + timedelta(seconds=lease_seconds))
+    )
+
+
+def _fenced(model: type[StreamTask], owner: str) -> Any:
+    return model.objects.filter(lease_owner=owner, status=Status.RUNNING)
+
+
 # {model: [pk, ...]}: a runner's running tasks, and (model, pk): one of them
 Running = dict[type[StreamTask], list[object]]
 TaskRef = tuple[type[StreamTask], object]
@@ -159,11 +183,22 @@ def cancel_requests(running: Running, owner: str) -> list[TaskRef]:
 
 
 def finish(
-    model: type[StreamTask], pk: object, owner: str, status: str, terminal: Event | None, **fields: Any
+    model: type[StreamTask],
+    pk: object,
+    owner: str,
+    status: str,
+    terminal: Event | None,
+    *,
+    attempt: int | None = None,
+    **fields: Any,
 ) -> bool:
-    """End a run: the row's final state and its terminal event, atomically."""
+    """End a run: the row's final state and its terminal event, atomically;
+    only while ``owner`` (and that ``attempt``, when given) holds the row."""
+    held = model.objects.filter(pk=pk, lease_owner=owner)
+    if attempt is not None:
+        held = held.filter(attempts=attempt)
     with transaction.atomic():
-        won = model.objects.filter(pk=pk, lease_owner=owner).update(
+        won = held.update(
             status=status,
             completed_at=timezone.now() if status in FINISHED_STATUSES else None,
             lease_owner=None,
@@ -229,6 +264,35 @@ def recover_orphans(models: Iterable[type[StreamTask]], owner: str, lease_second
 
 
 # -- the event log ----------------------------------------------------------------
+
+
+LogRow = tuple[TaskKey, Event, Fence | None]
+
+
+def write_log(rows: list[LogRow]) -> list[LogRow]:
+    """Insert events; those of a fenced run only while its row still belongs to
+    that run (the check and the insert in one transaction, the rows locked on
+    PostgreSQL, so a takeover commits either before or after, never between).
+    Returns the rows dropped for that reason."""
+    writable = [(key, event) for key, event, fence in rows if fence is None]
+    groups: dict[tuple[type[StreamTask], str], list[tuple[TaskKey, Event, Fence]]] = {}
+    for key, event, fence in rows:
+        if fence is not None:
+            groups.setdefault((fence.model, fence.owner), []).append((key, event, fence))
+    dropped: list[LogRow] = []
+    with transaction.atomic():
+        for (model, owner), group in groups.items():
+            held = _fenced(model, owner).filter(pk__in={fence.pk for _, _, fence in group})
+            if connection.features.has_select_for_update:
+                held = held.select_for_update()
+            attempts = dict(held.values_list("pk", "attempts"))
+            for key, event, fence in group:
+                if attempts.get(fence.pk) == fence.attempt:
+                    writable.append((key, event))
+                else:
+                    dropped.append((key, event, fence))
+        write_events(writable)
+    return dropped
 
 
 def write_events(rows: "list[tuple[TaskKey, Event]]") -> None:

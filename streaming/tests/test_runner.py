@@ -788,7 +788,9 @@ class RobustnessTests(RunnerTestCase):
             for seq in range(1, 301):
                 payload = build_payload({"n": seq}, task_id=1, model_name="ScriptedTask")
                 # Straight into the queue: append() would wake the writer at 100.
-                log._pending.append((TaskKey("testapp.scriptedtask", "424242"), Event(seq, "step", payload)))
+                log._pending.append(
+                    (TaskKey("testapp.scriptedtask", "424242"), Event(seq, "step", payload), None)
+                )
             real_write = store.write_events
 
             def slow_write(rows):
