@@ -49,6 +49,8 @@ class StreamingSettings:
     # policy). 25 s fits Kubernetes' default 30 s before SIGKILL; a second
     # SIGTERM or Ctrl+C ends the wait at once.
     SHUTDOWN_GRACE: float = 25.0
+    # /ready answers 503 when the database (or Redis) does not answer within this.
+    READY_TIMEOUT: float = 2.0
     # Whether this server also runs tasks (False: it only serves streams).
     RUN_TASKS: bool = True
     # Redis broker: entries kept per task stream (approximate cap), and how

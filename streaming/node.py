@@ -11,6 +11,9 @@ only through ``tasks.wake``.
 import asyncio
 import logging
 
+from asgiref.sync import sync_to_async
+from django.db import connection
+
 from .conf import StreamingSettings, get_settings
 from .fanout.hub import Hub
 from .keys import TaskKey
@@ -40,6 +43,29 @@ class Node:
         )
         self.transport.bind(self.hub, on_wake=self._wake_local_runner)
         self._stopped: asyncio.Future[None] | None = None
+
+    async def readiness(self) -> str | None:
+        """None when this node can serve and run tasks now; else what it cannot reach.
+
+        One trip through the ORM's thread (where every query of the node
+        queues: a stuck database shows here as a timeout) and, with Redis,
+        one PING; at most READY_TIMEOUT seconds each."""
+        timeout = self.settings.READY_TIMEOUT
+        try:
+            async with asyncio.timeout(timeout):
+                await sync_to_async(_ping_database)()
+        except TimeoutError:
+            return f"database: no answer within {timeout:g} s"
+        except Exception as exc:
+            return f"database: {type(exc).__name__}"
+        try:
+            async with asyncio.timeout(timeout):
+                await self.transport.check()
+        except TimeoutError:
+            return f"broker: no answer within {timeout:g} s"
+        except Exception as exc:
+            return f"broker: {type(exc).__name__}"
+        return None
 
     async def start(self) -> None:
         global _current
@@ -99,3 +125,8 @@ class Node:
 
 def current_node() -> Node | None:
     return _current
+
+
+def _ping_database() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")

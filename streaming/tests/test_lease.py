@@ -12,6 +12,7 @@ from datetime import timedelta
 from unittest import mock
 
 from django.core.exceptions import ImproperlyConfigured
+from django.db import OperationalError
 from django.test import SimpleTestCase
 from django.utils import timezone
 
@@ -23,6 +24,7 @@ from streaming.models import StreamTask
 from streaming.node import Node
 from streaming.tasks import store
 from streaming.tests.support import eventually, node_settings
+from streaming.tests.test_limits import request, serving
 from streaming.tests.test_runner import RunnerTestCase, logged, wait_logged, wait_status
 from streaming.tests.testapp.models import FragileTask, ScriptedTask
 
@@ -200,3 +202,45 @@ class LeaseMarginSettingTests(SimpleTestCase):
     def test_attempt_outside_a_run_says_where_it_works(self):
         with self.assertRaisesMessage(RuntimeError, "only while a streaming server runs"):
             StreamTask.attempt.fget(FragileTask())
+
+
+class ReadinessTests(RunnerTestCase):
+    """/ready says whether the node can reach its database (and broker); /health only that it lives."""
+
+    async def get(self, port, path):
+        head, reader, writer = await request(port, path, "connection: close\r\n")
+        body = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return int(head.split(" ", 2)[1]), body.decode()
+
+    async def test_ready_when_the_database_answers_not_when_it_fails_or_hangs(self):
+        async with serving(READY_TIMEOUT=0.3) as (_app, port):
+            self.assertEqual(await self.get(port, "/ready"), (200, "READY"))
+
+            def refused():
+                raise OperationalError("connection refused")
+
+            with mock.patch("streaming.node._ping_database", refused):
+                self.assertEqual(
+                    await self.get(port, "/ready"), (503, "Not ready: database: OperationalError\n")
+                )
+                self.assertEqual(await self.get(port, "/health"), (200, "OK"))
+
+            with mock.patch("streaming.node._ping_database", lambda: time.sleep(1)):
+                status, body = await self.get(port, "/ready")
+                self.assertEqual((status, body), (503, "Not ready: database: no answer within 0.3 s\n"))
+            await asyncio.sleep(1)  # the hung check's thread is free again
+            self.assertEqual(await self.get(port, "/ready"), (200, "READY"))
+
+    async def test_probes_arriving_together_share_one_check(self):
+        calls = []
+
+        def ping():
+            calls.append(1)
+            time.sleep(0.1)
+
+        async with serving() as (_app, port):
+            with mock.patch("streaming.node._ping_database", ping):
+                answers = await asyncio.gather(*(self.get(port, "/ready") for _ in range(20)))
+        self.assertEqual(set(answers), {(200, "READY")})
+        self.assertLess(len(calls), 5)

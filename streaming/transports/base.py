@@ -60,6 +60,9 @@ class Transport(ABC):
         """What catch-up reads come from, given the event log (default: the log)."""
         return log
 
+    async def check(self) -> None:  # noqa: B027 - optional hook
+        """Raise if the broker cannot be reached now (readiness)."""
+
     @abstractmethod
     def publish(self, key: TaskKey, event: Event) -> None:
         """Carry an event published here to the other processes (local delivery is the hub's)."""

@@ -136,6 +136,9 @@ class RedisTransport(Transport):
     def history(self, log: History) -> History:
         return RedisHistory(self, log)
 
+    async def check(self) -> None:
+        await self.redis.ping()
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -134,6 +134,7 @@ class StreamingApp:
         self.node: Node | None = None
         self._lookups: dict[tuple[type[StreamTask], object], asyncio.Future[StreamTask | None]] = {}
         self._guards: tuple[Cors, StreamLimits] | None = None  # from the node's settings
+        self._ready_check: asyncio.Future[str | None] | None = None
         self._starting: asyncio.Future[Node] | None = None
         self._closed = False  # shut down: no request starts the node again
         self._lifespan_seen = False
@@ -152,8 +153,10 @@ class StreamingApp:
                 raise
         if kind == "http":
             path = scope["path"]
-            if path == "/health":
+            if path == "/health":  # liveness: the process serves
                 return await _respond(send, Reply(200, "OK"))
+            if path == "/ready":  # readiness: it can reach what it needs to serve and run tasks
+                return await _respond(send, await self._readiness())
             if path.startswith("/stream/"):
                 return await self._stream_endpoint(scope, receive, send)
         if kind == "websocket" and (
@@ -233,6 +236,18 @@ class StreamingApp:
                 await asyncio.shield(self._starting)
         if self.node is not None:
             await self.node.stop()
+
+    async def _readiness(self) -> Reply:
+        """200 READY, or 503 saying what this node cannot reach. Probes arriving
+        together (a load balancer's, many) share one check."""
+        if self.node is None:
+            return Reply(503, "Not ready: the streaming node is not running\n")
+        if self._ready_check is None or self._ready_check.done():
+            self._ready_check = asyncio.ensure_future(self.node.readiness())
+        problem = await asyncio.shield(self._ready_check)
+        if problem is None:
+            return Reply(200, "READY")
+        return Reply(503, f"Not ready: {problem}\n")
 
     def hurry(self) -> None:
         """A second stop signal: running tasks are interrupted now instead of after the grace."""
