@@ -11,13 +11,14 @@ import time
 from datetime import timedelta
 from unittest import mock
 
+from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.db import OperationalError
 from django.test import SimpleTestCase
 from django.utils import timezone
 
 from streaming import LeaseLost
-from streaming.conf import lease_margin
+from streaming.conf import get_settings, lease_margin
 from streaming.events import Event, build_payload
 from streaming.keys import TaskKey
 from streaming.models import StreamTask
@@ -25,7 +26,7 @@ from streaming.node import Node
 from streaming.tasks import store
 from streaming.tests.support import eventually, node_settings
 from streaming.tests.test_limits import request, serving
-from streaming.tests.test_runner import RunnerTestCase, logged, wait_logged, wait_status
+from streaming.tests.test_runner import RunnerTestCase, logged, read_subscription, wait_logged, wait_status
 from streaming.tests.testapp.models import FragileTask, ScriptedTask
 
 
@@ -244,3 +245,35 @@ class ReadinessTests(RunnerTestCase):
                 answers = await asyncio.gather(*(self.get(port, "/ready") for _ in range(20)))
         self.assertEqual(set(answers), {(200, "READY")})
         self.assertLess(len(calls), 5)
+
+
+class RedisDownTests(RunnerTestCase):
+    """With Redis unreachable, a finished task's stream still opens: its history is in the database."""
+
+    async def test_a_finished_tasks_stream_opens_from_the_log_while_redis_is_down(self):
+        url = get_settings().BROKER_URL or ""
+        if not url.startswith("redis"):
+            self.skipTest("needs the Redis broker (the suite's PostgreSQL + Redis pass)")
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        task = await FragileTask.objects.acreate(status="completed", attempts=1)
+        key = TaskKey.of(task)
+        events = [
+            Event(seq, "step", build_payload({"step": seq}, task_id=task.pk, model_name="x"))
+            for seq in (1, 2)
+        ]
+        events.append(Event(3, "complete", build_payload({}, task_id=task.pk, model_name="x")))
+        await sync_to_async(store.write_events)([(key, event) for event in events])
+
+        async with Node(node_settings(BROKER_URL=url, RUN_TASKS=False)) as node:
+            down = mock.AsyncMock(side_effect=RedisConnectionError("Connection refused"))
+            with (
+                mock.patch.object(node.transport.redis, "xrange", down),
+                mock.patch.object(node.transport.redis, "xrevrange", down),
+                self.assertLogs("streaming.transports.redis", "WARNING") as logs,
+            ):
+                received = await read_subscription(node, key, 0)
+        self.assertEqual([(e.id, e.event) for e in received], [(1, "step"), (2, "step"), (3, "complete")])
+        self.assertTrue(down.await_count)
+        self.assertEqual(len(logs.output), 1, logs.output)  # one line, no traceback per request
+        self.assertIn("Redis unreachable", logs.output[0])

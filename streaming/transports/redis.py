@@ -16,6 +16,7 @@
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
@@ -79,9 +80,15 @@ class RedisHistory:
 
     async def read(self, key: TaskKey, after: int, limit: int) -> list[Event]:
         name = stream_name(key)
-        entries = cast(
-            "list[Entry]", await self._transport.redis.xrange(name, f"({after}-0", "+", count=limit)
-        )
+        try:
+            entries = cast(
+                "list[Entry]", await self._transport.redis.xrange(name, f"({after}-0", "+", count=limit)
+            )
+        except (RedisError, OSError) as exc:
+            # Redis is down: the event log has every event that was written;
+            # a finished task's whole history among them.
+            _unreachable("reading history from Redis; reading the event log instead", exc)
+            return await self._log.read(key, after, limit)
         recent = [_event(i, f) for i, f in entries]
         if recent and recent[0].seq == after + 1:
             return recent
@@ -93,9 +100,13 @@ class RedisHistory:
         return (logged + recent)[:limit]
 
     async def last(self, key: TaskKey) -> Event | None:
-        entries = cast(
-            "list[Entry]", await self._transport.redis.xrevrange(stream_name(key), "+", "-", count=1)
-        )
+        try:
+            entries = cast(
+                "list[Entry]", await self._transport.redis.xrevrange(stream_name(key), "+", "-", count=1)
+            )
+        except (RedisError, OSError) as exc:
+            _unreachable("reading history from Redis; reading the event log instead", exc)
+            return await self._log.last(key)
         if entries:
             return _event(*entries[0])
         return await self._log.last(key)
@@ -235,7 +246,14 @@ class RedisTransport(Transport):
         if key not in self._cursors:
             # Read from the stream's current end: what came before reaches the
             # subscriber through its history read.
-            top = cast("list[Entry]", await self.redis.xrevrange(stream_name(key), "+", "-", count=1))
+            try:
+                top = cast("list[Entry]", await self.redis.xrevrange(stream_name(key), "+", "-", count=1))
+            except (RedisError, OSError) as exc:
+                # Redis is down: the stream opens from the log; live events
+                # arrive once the reader gets through (from the start of the
+                # stream: the hub drops what it already holds).
+                _unreachable("finding where a task's Redis stream ends", exc)
+                top = []
             # Another subscription of this key may have registered it meanwhile,
             # and the reader moved on from there: never move a cursor forward.
             if key in self._watched and key not in self._cursors:
@@ -278,6 +296,18 @@ class RedisTransport(Transport):
                 for entry_id, fields in entries:
                     self.receiver.deliver(key, _event(entry_id, fields))
                     self._cursors[key] = entry_id
+
+
+_warned_at = 0.0
+
+
+def _unreachable(doing: str, exc: BaseException) -> None:
+    """One line, at most every 10 s: Redis down is one problem, not one per request."""
+    global _warned_at
+    now = time.monotonic()
+    if now - _warned_at >= 10:
+        _warned_at = now
+        logger.warning("Redis unreachable (%s) %s", exc, doing)
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:
