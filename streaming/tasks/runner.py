@@ -214,9 +214,17 @@ class Runner:
                 elif run.task and not run.lease_lost:
                     run.lose("another node holds the task")
                     run.task.cancel()
-        recovered = await sync_to_async(store.recover_orphans)(stream_models(), self.owner, lease)
-        for item in recovered:
-            key = TaskKey.of(item.model, item.pk)
+        for model, pk in await sync_to_async(store.take_orphans)(stream_models(), self.owner, lease):
+            key = TaskKey.of(model, pk)
+            try:
+                await self._salvage(key)
+                item = await sync_to_async(store.settle_orphan)(model, pk, self.owner)
+            except Exception:
+                # Ours for a lease: the next look (or another node's) settles it.
+                logger.exception("Recovering %s failed; trying again", key)
+                continue
+            if item is None:
+                continue
             if item.requeued:
                 logger.warning("Recovered %s: its server died; running it again", key)
                 self.wake()
@@ -224,6 +232,25 @@ class Runner:
                 logger.warning("Recovered %s: its server died; failed by its policy", key)
                 if item.event is not None:  # always, for a task that was failed
                     await self.hub.publish(key, item.event)
+
+    async def _salvage(self, key: TaskKey) -> None:
+        """Log what the dead run published but could not write: with Redis, its
+        events reached the stream (and every node's clients) before its log
+        write; they are copied into the log before the task is settled, so the
+        log holds every event any client saw. (In process there is nothing to
+        copy: the run's log writes and its publishes died together.)"""
+        if not self.transport.shared:
+            return
+        history = self.transport.history(self.eventlog)
+        after = await sync_to_async(store.logged_after)(key)
+        while True:
+            missed = await history.read(key, after, self.settings.EVENT_BATCH_SIZE)
+            missed = [event for event in missed if event.seq > after]
+            if not missed:
+                return
+            await sync_to_async(store.write_events)([(key, event) for event in missed])
+            logger.info("Recovering %s: logged %d event(s) its run sent but never wrote", key, len(missed))
+            after = missed[-1].seq
 
     # -- one task -------------------------------------------------------------------
 

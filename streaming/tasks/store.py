@@ -56,9 +56,7 @@ def owner_is_dead(owner: str | None, me: str) -> bool:
 
 
 def next_free_seq(model: type[StreamTask], pk: object, seq_reserved: int) -> int:
-    key = TaskKey.of(model, pk)
-    logged = TaskEvent.objects.filter(task_type=key.label, task_id=key.pk).aggregate(m=Max("seq"))["m"]
-    return max(seq_reserved, logged or 0) + 1
+    return max(seq_reserved, logged_after(TaskKey.of(model, pk))) + 1
 
 
 # -- claims and leases ------------------------------------------------------
@@ -218,10 +216,12 @@ class Recovered:
     event: Event | None  # the error event written when the task was failed
 
 
-def recover_orphans(models: Iterable[type[StreamTask]], owner: str, lease_seconds: float) -> list[Recovered]:
-    """Take up running tasks whose runner is gone, by each class's policy."""
+def take_orphans(models: Iterable[type[StreamTask]], owner: str, lease_seconds: float) -> list[TaskRef]:
+    """Take over running tasks whose runner is gone (lease expired, or its
+    process dead on this host): ``owner`` holds each for a lease while it
+    settles it (``settle_orphan``), so no other node takes it meanwhile."""
     now = timezone.now()
-    recovered: list[Recovered] = []
+    taken: list[TaskRef] = []
     for model in models:
         rows = (
             model.objects.filter(status=Status.RUNNING)
@@ -232,35 +232,44 @@ def recover_orphans(models: Iterable[type[StreamTask]], owner: str, lease_second
             expired = expires is None or expires < now
             if not (expired or owner_is_dead(old_owner, owner)):
                 continue
-            with transaction.atomic():
-                took = model.objects.filter(pk=pk, status=Status.RUNNING, lease_owner=old_owner).update(
-                    lease_owner=owner
-                )
-                if not took:
-                    continue
-                task = model.objects.get(pk=pk)
-                if model.recovery == Recovery.RETRY and task.attempts < model.max_attempts:
-                    model.objects.filter(pk=pk).update(
-                        status=Status.PENDING, lease_owner=None, lease_expires_at=None
-                    )
-                    recovered.append(Recovered(model, pk, True, None))
-                    continue
-                if model.recovery == Recovery.RETRY:
-                    message = f"Task interrupted on each of its {task.attempts} attempts; giving up"
-                else:
-                    message = "Task interrupted: the server running it stopped"
-                event = Event(
-                    next_free_seq(model, pk, task.seq_reserved),
-                    ERROR,
-                    build_payload(
-                        {"message": message, "type": "Interrupted"},
-                        task_id=task.pk,
-                        model_name=model.stream_name(),
-                    ),
-                )
-                finish(model, pk, owner, Status.FAILED, event, error=message)
-                recovered.append(Recovered(model, pk, False, event))
-    return recovered
+            took = model.objects.filter(pk=pk, status=Status.RUNNING, lease_owner=old_owner).update(
+                lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds)
+            )
+            if took:
+                taken.append((model, pk))
+    return taken
+
+
+def settle_orphan(model: type[StreamTask], pk: object, owner: str) -> Recovered | None:
+    """A task taken by ``take_orphans``: pending again (RETRY, attempts left), or failed
+    with an error event numbered after everything logged. None: no longer ours."""
+    with transaction.atomic():
+        task = model.objects.filter(pk=pk, status=Status.RUNNING, lease_owner=owner).first()
+        if task is None:
+            return None
+        if model.recovery == Recovery.RETRY and task.attempts < model.max_attempts:
+            model.objects.filter(pk=pk).update(status=Status.PENDING, lease_owner=None, lease_expires_at=None)
+            return Recovered(model, pk, True, None)
+        if model.recovery == Recovery.RETRY:
+            message = f"Task interrupted on each of its {task.attempts} attempts; giving up"
+        else:
+            message = "Task interrupted: the server running it stopped"
+        event = Event(
+            next_free_seq(model, pk, task.seq_reserved),
+            ERROR,
+            build_payload(
+                {"message": message, "type": "Interrupted"},
+                task_id=task.pk,
+                model_name=model.stream_name(),
+            ),
+        )
+        finish(model, pk, owner, Status.FAILED, event, error=message)
+        return Recovered(model, pk, False, event)
+
+
+def logged_after(key: TaskKey) -> int:
+    """The highest sequence number in the log of ``key`` (0: none)."""
+    return TaskEvent.objects.filter(task_type=key.label, task_id=key.pk).aggregate(m=Max("seq"))["m"] or 0
 
 
 # -- the event log ----------------------------------------------------------------

@@ -26,7 +26,15 @@ from streaming.node import Node
 from streaming.tasks import store
 from streaming.tests.support import eventually, node_settings
 from streaming.tests.test_limits import request, serving
-from streaming.tests.test_runner import RunnerTestCase, logged, read_subscription, wait_logged, wait_status
+from streaming.tests.test_runner import (
+    DEAD_OWNER,
+    RunnerTestCase,
+    logged,
+    make_orphan,
+    read_subscription,
+    wait_logged,
+    wait_status,
+)
 from streaming.tests.testapp.models import FragileTask, ScriptedTask
 
 
@@ -277,3 +285,35 @@ class RedisDownTests(RunnerTestCase):
         self.assertTrue(down.await_count)
         self.assertEqual(len(logs.output), 1, logs.output)  # one line, no traceback per request
         self.assertIn("Redis unreachable", logs.output[0])
+
+
+class SalvageTests(RunnerTestCase):
+    """A dead run's events that reached Redis but not the log are logged before its task is settled."""
+
+    async def test_recovery_logs_what_the_dead_run_published_but_never_wrote(self):
+        url = get_settings().BROKER_URL or ""
+        if not url.startswith("redis"):
+            self.skipTest("needs the Redis broker (the suite's PostgreSQL + Redis pass)")
+        from redis import asyncio as aioredis
+
+        from streaming.transports.redis import stream_name
+
+        orphan = await sync_to_async(make_orphan)(FragileTask, DEAD_OWNER, expires_in=-5, logged_steps=2)
+        key = TaskKey.of(orphan)
+        client = aioredis.Redis.from_url(url)
+        try:
+            await client.delete(stream_name(key))
+            for seq in (1, 2, 3, 4):  # 3 and 4 went out live; the run died before writing them
+                payload = build_payload(
+                    {"step": seq, "attempt": 1}, task_id=orphan.pk, model_name="FragileTask"
+                )
+                await client.xadd(stream_name(key), {"t": "step", "p": payload}, id=f"{seq}-0")
+            async with Node(node_settings(BROKER_URL=url)):
+                await wait_status(orphan, "failed")
+        finally:
+            await client.delete(stream_name(key))
+            await client.aclose()
+        self.assertEqual(
+            [(e.seq, e.type) for e in await logged(orphan)],
+            [(1, "step"), (2, "step"), (3, "step"), (4, "step"), (1001, "error")],
+        )
