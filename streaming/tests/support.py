@@ -1,6 +1,7 @@
 """Test support: a real runserver_stream subprocess, SSE read over HTTP, in-process helpers."""
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -247,3 +248,40 @@ async def eventually(check, *, timeout=5.0, interval=0.02, message="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def serving(django_app=None, *, log_level="warning", **settings):
+    """runserver_stream's uvicorn set-up, in this process: (the StreamingApp, its port).
+
+    ``settings``: the node's STREAMING settings (``MAX_STREAMS=3``); ``django_app``:
+    what serves the other paths (Django's ASGIHandler, say)."""
+    import uvicorn
+
+    from streaming.node import Node
+    from streaming.server.serve import make_config
+    from streaming.web.app import StreamingApp
+
+    app = StreamingApp(django_app, node_factory=lambda: Node(node_settings(**settings)))
+    config = make_config(app, host="127.0.0.1", port=0, uds=None, log_level=log_level)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    serve = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await eventually(lambda: server.started or serve.done(), message="the server to start")
+        yield app, sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await app.shutdown()
+        await asyncio.wait_for(serve, 10)
+        sock.close()
+
+
+async def raw_request(port: int, path: str, headers: str = ""):
+    """A GET over a raw socket: the response head (text), and the open connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{headers}\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return head.decode("latin-1"), reader, writer

@@ -48,8 +48,7 @@ from hypothesis import strategies as st
 from streaming.events import KEEPALIVE, RUNNER_KEYS, Event, build_payload, retry_hint, validate_event_type
 from streaming.keys import TaskKey
 from streaming.node import Node
-from streaming.tests.support import eventually, node_settings
-from streaming.tests.test_sse import serving
+from streaming.tests.support import eventually, node_settings, serving
 from streaming.tests.testapp.models import ScriptedTask
 from streaming.web.app import StreamingApp
 

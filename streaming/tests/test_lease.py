@@ -24,8 +24,8 @@ from streaming.keys import TaskKey
 from streaming.models import StreamTask
 from streaming.node import Node
 from streaming.tasks import store
-from streaming.tests.support import eventually, node_settings
-from streaming.tests.test_limits import request, serving
+from streaming.tests.support import eventually, node_settings, serving
+from streaming.tests.support import raw_request as request
 from streaming.tests.test_runner import (
     DEAD_OWNER,
     RunnerTestCase,

@@ -3,11 +3,8 @@ behind proxies, CORS settings, WebSocket upgrades to Django's paths, and the
 memory a catch-up holds for a client that reads nothing."""
 
 import asyncio
-import contextlib
 import gc
-import socket
 
-import uvicorn
 from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.asgi import ASGIHandler
 from django.test import SimpleTestCase, TransactionTestCase
@@ -16,44 +13,13 @@ from streaming.conf import from_environ
 from streaming.events import Event
 from streaming.fanout.hub import Hub
 from streaming.keys import TaskKey
-from streaming.node import Node
-from streaming.server.serve import make_config
-from streaming.tests.support import eventually, node_settings
+from streaming.tests.support import eventually, node_settings, serving
+from streaming.tests.support import raw_request as request
 from streaming.tests.testapp.models import ScriptedTask
 from streaming.transports.base import History
 from streaming.transports.local import LocalTransport
 from streaming.web.cors import Cors
 from streaming.web.limits import StreamLimits, client_address
-
-
-@contextlib.asynccontextmanager
-async def serving(django_app=None, **settings):
-    """runserver_stream's uvicorn set-up, in this process."""
-    from streaming.web.app import StreamingApp
-
-    app = StreamingApp(django_app, node_factory=lambda: Node(node_settings(**settings)))
-    config = make_config(app, host="127.0.0.1", port=0, uds=None, log_level="critical")
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    serve = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        await eventually(lambda: server.started or serve.done(), message="the server to start")
-        yield app, sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        await app.shutdown()
-        await asyncio.wait_for(serve, 10)
-        sock.close()
-
-
-async def request(port: int, path: str, headers: str = ""):
-    """Send a GET; the response head, and the open connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{headers}\r\n".encode())
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    return head.decode("latin-1"), reader, writer
 
 
 def status(head: str) -> int:
@@ -172,7 +138,7 @@ class WebSocketToDjangoTests(TransactionTestCase):
             "connection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n"
             "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         )
-        async with serving(ASGIHandler()) as (_app, port):
+        async with serving(ASGIHandler(), log_level="critical") as (_app, port):
             head, _reader, writer = await request(port, "/admin/", upgrade)
             writer.close()
             self.assertTrue(head.startswith("HTTP/1.1 403 Forbidden\r\n"), head)

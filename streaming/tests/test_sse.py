@@ -5,47 +5,15 @@ tests can look at the broker while raw-socket clients come and go.
 """
 
 import asyncio
-import contextlib
-import socket
 from unittest import mock
 
-import uvicorn
 from django.db.models import QuerySet
 from django.test import TransactionTestCase
 
 from streaming.keys import TaskKey
-from streaming.node import Node
-from streaming.server.serve import make_config
-from streaming.tests.support import eventually, node_settings, parse_sse
+from streaming.tests.support import eventually, parse_sse, serving
+from streaming.tests.support import raw_request as open_stream
 from streaming.tests.testapp.models import ScriptedTask
-from streaming.web.app import StreamingApp
-
-
-@contextlib.asynccontextmanager
-async def serving(**settings):
-    """runserver_stream's uvicorn set-up, in this process."""
-    app = StreamingApp(node_factory=lambda: Node(node_settings(**settings)))
-    config = make_config(app, host="127.0.0.1", port=0, uds=None, log_level="warning")
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    serve = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        await eventually(lambda: server.started or serve.done(), message="the server to start")
-        yield app, sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        await app.shutdown()
-        await asyncio.wait_for(serve, 10)
-        sock.close()
-
-
-async def open_stream(port: int, path: str, headers: str = ""):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{headers}\r\n".encode())
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    return head.decode(), reader, writer
 
 
 async def read_to_close(reader, timeout=10.0) -> bytes:
