@@ -5,6 +5,7 @@ head, and a bound on this process's open connections."""
 import asyncio
 import contextlib
 import logging
+from functools import partial
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
@@ -14,7 +15,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from ..conf import StreamingSettings
 from ..web.app import ABORT_EXTENSION, StreamingApp
 from ..web.limits import LOG_EVERY, RETRY_AFTER, RateLimitedLog
-from .sockets import SocketStream
+from .sockets import SocketStream, reset
 
 if TYPE_CHECKING:
     from httptools.parser.url_parser import URL
@@ -26,6 +27,11 @@ logger = logging.getLogger(__name__)
 # them is refused here, and it keeps a URL (which uvicorn gathers by
 # concatenation and Django copies several times) small.
 MAX_URL_BYTES = 8 * 1024
+# Connections past MAX_CONNECTIONS still read, for the probes only: at most
+# this many at a time, each with this long to send its head.
+PROBE_RESERVE = 16
+PROBE_HEAD_SECONDS = 2.0
+PROBE_PATHS = (b"/health", b"/ready")
 # After a 408, 414 or 431 the server stops sending (FIN) but reads, and drops,
 # what the client still sends, for at most this long and this many bytes:
 # closing with unread bytes would send a reset, which can destroy the answer
@@ -47,6 +53,7 @@ class ServerLimits:
         self.header_timeout = header_timeout
         self.max_header_bytes = max_header_bytes
         self.open = 0
+        self.probing = 0  # connections past the limit, for /health and /ready (PROBE_RESERVE)
         self.release = self._release  # bound once: every taken-over stream's on_close
         self.refused = RateLimitedLog(
             logging.WARNING,
@@ -157,6 +164,7 @@ class StreamingHttpProtocol(HttpToolsProtocol):
     limits: ServerLimits  # likewise: one per server (process)
     taken_over = False  # the connection left for a SocketStream or a WebSocket protocol
     refused = False  # answered 503 as it came: never counted, never set up
+    probe_only = False  # came in at the connection limit: /health and /ready only
     lingering = False  # answered 408/414/431: reading and dropping until it closes
     _head_timer: asyncio.TimerHandle | None = None  # a head pending (or the linger's end)
     _head_began = False  # a byte of the pending head arrived
@@ -167,6 +175,17 @@ class StreamingHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         limits = self.limits
+        if limits.open >= limits.max_connections and limits.probing < PROBE_RESERVE:
+            # At the limit (a flood, an attack), probes still get their answer,
+            # so an orchestrator does not restart a server that is only busy:
+            # a few more connections, for /health and /ready only, with a short
+            # head timeout.
+            limits.probing += 1
+            self.probe_only = True
+            super().connection_made(transport)
+            timeout = min(limits.header_timeout, PROBE_HEAD_SECONDS)
+            self._head_timer = self.loop.call_later(timeout, self._head_timed_out)
+            return
         if limits.open >= limits.max_connections:
             self.refused = True
             self.transport = transport
@@ -185,7 +204,9 @@ class StreamingHttpProtocol(HttpToolsProtocol):
             self._head_timer = None
         if self.refused:
             return
-        if not self.taken_over:  # a SocketStream's connection_lost releases its own
+        if self.probe_only:
+            self.limits.probing -= 1
+        elif not self.taken_over:  # a SocketStream's connection_lost releases its own
             self.limits.release()
         super().connection_lost(exc)
 
@@ -262,7 +283,7 @@ class StreamingHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         # uvicorn types an extension's value as a dict (the ASGI spec's shape); this
         # one is the abort callable itself, which web/app.py calls.
-        self.scope["extensions"] = {ABORT_EXTENSION: self.transport.abort}  # type: ignore[dict-item]
+        self.scope["extensions"] = {ABORT_EXTENSION: partial(reset, self.transport)}  # type: ignore[dict-item]
         if self.taken_over:
             return  # bytes pipelined after a stream request: ignored
         self._head_began = True
@@ -286,6 +307,14 @@ class StreamingHttpProtocol(HttpToolsProtocol):
             self._head_timer = None
         self._head_began = False
         url = httptools.parse_url(self.url)
+        if self.probe_only and url.path not in PROBE_PATHS:
+            limits = self.limits
+            message = f"Server at its connection limit ({limits.max_connections}); retry later\n"
+            self.transport.write(self._answer(503, message, b"retry-after: %d\r\n" % RETRY_AFTER))
+            self.transport.close()
+            self.taken_over = True  # nothing more of this connection is parsed or answered
+            limits.refused.add()
+            return
         if (
             url.path.startswith(b"/stream/")
             and not (self.parser.should_upgrade() and self._should_upgrade())  # a WebSocket: uvicorn's

@@ -9,7 +9,10 @@ token has one: the hub ends it when the token expires).
 """
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
@@ -32,6 +35,20 @@ STREAM_HEAD = (
     b"connection: close\r\n"
     b"\r\n"
 )
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Cut a connection off with a reset (RST), not a close: a close would keep
+    whatever the client never read in the kernel's buffers, megabytes per
+    stalled client, until the client goes away."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+    transport.abort()
+
+
+LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 def stream_head(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
@@ -183,10 +200,10 @@ class SocketStream(asyncio.Protocol):
             # ...unless the client stops reading: cut it off as a stalled stream is.
             assert self._broker is not None  # end() comes from the broker, after attach
             timeout = self._broker.send_timeout
-            self._closer = asyncio.get_running_loop().call_later(timeout, self.transport.abort)
+            self._closer = asyncio.get_running_loop().call_later(timeout, reset, self.transport)
 
     def abort(self) -> None:
-        self.transport.abort()
+        reset(self.transport)
 
     def _wake_drain(self) -> None:
         if self._drained is not None and not self._drained.done():

@@ -4,7 +4,9 @@ memory a catch-up holds for a client that reads nothing."""
 
 import asyncio
 import gc
+import socket
 
+from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.asgi import ASGIHandler
 from django.test import SimpleTestCase, TransactionTestCase
@@ -13,6 +15,7 @@ from streaming.conf import from_environ
 from streaming.events import Event
 from streaming.fanout.hub import Hub
 from streaming.keys import TaskKey
+from streaming.tasks import store
 from streaming.tests.support import eventually, node_settings, serving
 from streaming.tests.support import raw_request as request
 from streaming.tests.testapp.models import ScriptedTask
@@ -272,3 +275,35 @@ class CatchUpMemoryTests(SimpleTestCase):
         self.assertEqual(len(held), 0)
         hub.detach(sub)
         await hub.stop()
+
+
+class StalledClientResetTests(TransactionTestCase):
+    async def test_a_client_that_reads_nothing_is_reset_not_closed(self):
+        """A close would leave what it never read in the kernel's buffers until it
+        goes away (megabytes per client); a reset frees them at once."""
+        task = await ScriptedTask.objects.acreate(steps=1, status="completed")
+        key = TaskKey.of(task)
+        pad = "x" * 300
+        events = [
+            Event(seq, "step", f'{{"step": {seq}, "pad": "{pad}"}}') for seq in range(1, 10_001)
+        ]  # 3 MB: more than the socket buffers hold
+        await sync_to_async(store.write_events)([(key, event) for event in events])
+        async with serving(CLIENT_SEND_TIMEOUT=0.5) as (app, port):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            await asyncio.get_running_loop().sock_sendall(
+                sock, f"GET {task.get_stream_path()}?history=all HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n".encode()
+            )
+            hub = app.node.hub
+            await eventually(lambda: hub._channels.get(key) and hub._channels[key].subs, message="the stream")
+            await eventually(
+                lambda: key not in hub._channels, timeout=10, message="the stalled client cut off"
+            )
+            sock.setblocking(True)
+            sock.settimeout(5)
+            with self.assertRaises(ConnectionResetError):
+                while sock.recv(1 << 20):
+                    pass
+            sock.close()
