@@ -128,5 +128,9 @@ def current_node() -> Node | None:
 
 
 def _ping_database() -> None:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except Exception:
+        connection.close()  # broken (reset, ended by the server): the next check reconnects
+        raise

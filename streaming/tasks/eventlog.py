@@ -82,4 +82,5 @@ class EventLog:
                 await self.flush()
             except Exception:
                 logger.exception("Writing the event log failed; retrying")
+                await sync_to_async(store.close_broken_connections)()
                 await asyncio.sleep(1)

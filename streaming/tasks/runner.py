@@ -158,6 +158,7 @@ class Runner:
                         await self._check_cancellations()
                 except Exception:
                     logger.exception("Runner step failed; trying again")
+                    await sync_to_async(store.close_broken_connections)()
             try:
                 async with asyncio.timeout(settings.POLL_INTERVAL):
                     await self._wake.wait()
@@ -214,7 +215,10 @@ class Runner:
                 elif run.task and not run.lease_lost:
                     run.lose("another node holds the task")
                     run.task.cancel()
-        for model, pk in await sync_to_async(store.take_orphans)(stream_models(), self.owner, lease):
+        taken = await sync_to_async(store.take_orphans)(
+            stream_models(), self.owner, lease, self._running_by_model()
+        )
+        for model, pk in taken:
             key = TaskKey.of(model, pk)
             try:
                 await self._salvage(key)

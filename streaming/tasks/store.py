@@ -9,12 +9,13 @@ caller expects (status, lease owner), so two processes never both win.
 import os
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NamedTuple
 
-from django.db import connection, transaction
+from django.db import OperationalError, connection, connections, transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
@@ -23,7 +24,35 @@ from ..keys import TaskKey
 from ..models import FINISHED_STATUSES, Recovery, Status, StreamTask, TaskEvent
 
 SEQ_BLOCK = 1000  # sequence numbers reserved on the row at a time
+# PostgreSQL ends a session that sits this long inside one of our transactions
+# (a node paused or cut off mid-transaction), so the row locks it holds do not
+# stop other nodes for as long as the stall lasts. Our transactions take
+# milliseconds; only a stalled node comes near this.
+IDLE_IN_TRANSACTION = "1s"
+# How long a takeover waits for a row lock before it leaves the row for its next look.
+TAKEOVER_LOCK_WAIT = "200ms"
 HOSTNAME = socket.gethostname()
+
+
+@contextmanager
+def bounded_transaction(**bounds: str) -> Iterator[None]:
+    """``transaction.atomic()``; on PostgreSQL with IDLE_IN_TRANSACTION and any other
+    ``SET LOCAL`` bounds (``lock_timeout="200ms"``) for its duration."""
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            settings = {"idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION, **bounds}
+            with connection.cursor() as cursor:
+                for name, value in settings.items():  # our own constants: no user input
+                    cursor.execute(f"SET LOCAL {name} = '{value}'")
+        yield
+
+
+def close_broken_connections() -> None:
+    """After a failed database step: close this thread's connections that broke
+    (a reset, a server that ended the session), so the next step reconnects.
+    Django does this around requests; the runner's loops have none."""
+    for conn in connections.all(initialized_only=True):
+        conn.close_if_unusable_or_obsolete()
 
 
 def new_owner_id() -> str:
@@ -86,12 +115,12 @@ def claim_pending(
             break
         pending = model.objects.filter(status=Status.PENDING).order_by("pk")
         if skip_locked:
-            with transaction.atomic():
+            with bounded_transaction():
                 pks = list(pending.select_for_update(skip_locked=True).values_list("pk", flat=True)[:wanted])
                 claims.extend(c for pk in pks if (c := _take(model, pk, owner, lease_seconds)))
             continue
         for pk in list(pending.values_list("pk", flat=True)[:wanted]):
-            with transaction.atomic():
+            with bounded_transaction():
                 claim = _take(model, pk, owner, lease_seconds)
             if claim:
                 claims.append(claim)
@@ -195,7 +224,7 @@ def finish(
     held = model.objects.filter(pk=pk, lease_owner=owner)
     if attempt is not None:
         held = held.filter(attempts=attempt)
-    with transaction.atomic():
+    with bounded_transaction():
         won = held.update(
             status=status,
             completed_at=timezone.now() if status in FINISHED_STATUSES else None,
@@ -216,25 +245,31 @@ class Recovered:
     event: Event | None  # the error event written when the task was failed
 
 
-def take_orphans(models: Iterable[type[StreamTask]], owner: str, lease_seconds: float) -> list[TaskRef]:
+def take_orphans(
+    models: Iterable[type[StreamTask]], owner: str, lease_seconds: float, running_here: Running
+) -> list[TaskRef]:
     """Take over running tasks whose runner is gone (lease expired, or its
-    process dead on this host): ``owner`` holds each for a lease while it
-    settles it (``settle_orphan``), so no other node takes it meanwhile."""
-    now = timezone.now()
+    process dead on this host; this node's own rows too, once their run here
+    stopped itself): ``owner`` holds each for a lease while it settles it
+    (``settle_orphan``), so no other node takes it meanwhile. A row whose lock
+    another node holds (it stalled mid-transaction) is left for the next look."""
     taken: list[TaskRef] = []
     for model in models:
-        rows = (
-            model.objects.filter(status=Status.RUNNING)
-            .exclude(lease_owner=owner)
-            .values_list("pk", "lease_owner", "lease_expires_at")
-        )
-        for pk, old_owner, expires in rows:
-            expired = expires is None or expires < now
+        mine = {str(pk) for pk in running_here.get(model, ())}
+        running = model.objects.filter(status=Status.RUNNING)
+        for pk, old_owner, expires in running.values_list("pk", "lease_owner", "lease_expires_at"):
+            if old_owner == owner and str(pk) in mine:
+                continue  # its run here renews it
+            expired = expires is None or expires < timezone.now()
             if not (expired or owner_is_dead(old_owner, owner)):
                 continue
-            took = model.objects.filter(pk=pk, status=Status.RUNNING, lease_owner=old_owner).update(
-                lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds)
-            )
+            try:
+                with bounded_transaction(lock_timeout=TAKEOVER_LOCK_WAIT):
+                    took = model.objects.filter(pk=pk, status=Status.RUNNING, lease_owner=old_owner).update(
+                        lease_owner=owner, lease_expires_at=timezone.now() + timedelta(seconds=lease_seconds)
+                    )
+            except OperationalError:  # the row is locked: its owner stalled inside a transaction
+                continue
             if took:
                 taken.append((model, pk))
     return taken
@@ -243,7 +278,7 @@ def take_orphans(models: Iterable[type[StreamTask]], owner: str, lease_seconds: 
 def settle_orphan(model: type[StreamTask], pk: object, owner: str) -> Recovered | None:
     """A task taken by ``take_orphans``: pending again (RETRY, attempts left), or failed
     with an error event numbered after everything logged. None: no longer ours."""
-    with transaction.atomic():
+    with bounded_transaction():
         task = model.objects.filter(pk=pk, status=Status.RUNNING, lease_owner=owner).first()
         if task is None:
             return None
@@ -263,7 +298,8 @@ def settle_orphan(model: type[StreamTask], pk: object, owner: str) -> Recovered 
                 model_name=model.stream_name(),
             ),
         )
-        finish(model, pk, owner, Status.FAILED, event, error=message)
+        if not finish(model, pk, owner, Status.FAILED, event, error=message):
+            return None
         return Recovered(model, pk, False, event)
 
 
@@ -289,7 +325,7 @@ def write_log(rows: list[LogRow]) -> list[LogRow]:
         if fence is not None:
             groups.setdefault((fence.model, fence.owner), []).append((key, event, fence))
     dropped: list[LogRow] = []
-    with transaction.atomic():
+    with bounded_transaction():
         for (model, owner), group in groups.items():
             held = _fenced(model, owner).filter(pk__in={fence.pk for _, _, fence in group})
             if connection.features.has_select_for_update:
