@@ -66,6 +66,9 @@ class Server:
         if broker_url:
             env["STREAMING_BROKER_URL"] = broker_url
         streaming.setdefault("shutdown_grace", 0)  # stop at once, whatever still runs
+        # The load client opens every stream from one address: the per-client
+        # limit (500 by default) would refuse most of them.
+        streaming.setdefault("max_streams_per_client", 1_000_000)
         for key, value in streaming.items():
             env[f"STREAMING_{key.upper()}"] = str(value)
         self.log = open(BENCH_DIR / f"server-{self.port}.log", "w")  # noqa: SIM115
@@ -111,6 +114,8 @@ def load(
     start()
     result = json.loads(client.stdout.readline())
     client.wait(30)
+    if result.get("refused"):
+        raise RuntimeError(f"the server refused {result['refused']} streams: {result['refused_first']}")
     return result
 
 

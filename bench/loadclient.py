@@ -37,10 +37,12 @@ class StreamCounter(asyncio.Protocol):
     def data_received(self, data: bytes):
         now = time.time()
         if not self.headers_done:
-            _head, sep, data = data.partition(b"\r\n\r\n")
+            head, sep, data = data.partition(b"\r\n\r\n")
             if not sep:
                 return
             self.headers_done = True
+            if not head.startswith(b"HTTP/1.1 200 "):  # refused (a limit, an error): counted, said
+                self.run.refused.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
             self.run.headers_seen()
         # An "\nid: " split across two reads still counts once: look at the
         # last 4 bytes of the previous read too (too short to hold a whole one).
@@ -86,6 +88,7 @@ class Run:
         self.last = None
         self.lost = 0
         self.reached = 0
+        self.refused: list[str] = []
         self._headers = 0
         self._finished = 0
         self.all_headers = asyncio.Event()
@@ -143,6 +146,8 @@ async def main(args):
                 # every connection got at least --expect events (one read may bring more)
                 "complete": run.reached == args.connections and not timed_out,
                 "lost_connections": run.lost,
+                "refused": len(run.refused),
+                "refused_first": run.refused[0] if run.refused else None,
                 "span_s": span,
                 "events_per_s": run.delivered / span if span else None,
                 "latency_ms": {

@@ -70,6 +70,7 @@ class Command:
     def __init__(self, name, command):
         self.port = free_port()
         env = dict(os.environ, DATABASE_URL=DATABASE_URL, PYTHONUNBUFFERED="1", STREAMING_SHUTDOWN_GRACE="0")
+        env["STREAMING_MAX_STREAMS_PER_CLIENT"] = "1000000"  # one load client, one address
         env.pop("STREAMING_BROKER_URL", None)
         self.log = open(BENCH_DIR / f"{name}-{self.port}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
