@@ -12,6 +12,7 @@ so no event is missed or repeated. Iteration ends after a terminal event
 """
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -160,6 +161,8 @@ def _retry_after(response: httpx.Response) -> float | None:
     try:
         seconds = float(response.headers.get("retry-after", ""))
     except ValueError:  # absent, or an HTTP date: not ours to guess at
+        return None
+    if not math.isfinite(seconds):
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 

@@ -112,8 +112,13 @@ def get_settings() -> StreamingSettings:
         raise ImproperlyConfigured(
             f"Unknown STREAMING setting(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}."
         )
+    # A list where a tuple is documented (["https://a.example"]) is what people write.
+    given = {name: tuple(value) if isinstance(value, list) else value for name, value in given.items()}
     settings = replace(StreamingSettings(), **given)
     lease_margin(settings)  # a bad one fails at start-up
+    for name in ("MAX_STREAMS", "MAX_STREAMS_PER_CLIENT"):
+        if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 1:
+            raise ImproperlyConfigured(f"STREAMING['{name}'] must be a positive number of streams")
     return settings
 
 

@@ -261,6 +261,9 @@ class StreamingHttpProtocol(HttpToolsProtocol):
         return True
 
     def handle_websocket_upgrade(self) -> None:
+        if self.probe_only:  # past the connection limit only probes are served
+            self._refuse_at_limit()
+            return
         super().handle_websocket_upgrade()
         protocol = self.transport.get_protocol()
         if protocol is self:
@@ -307,13 +310,8 @@ class StreamingHttpProtocol(HttpToolsProtocol):
             self._head_timer = None
         self._head_began = False
         url = httptools.parse_url(self.url)
-        if self.probe_only and url.path not in PROBE_PATHS:
-            limits = self.limits
-            message = f"Server at its connection limit ({limits.max_connections}); retry later\n"
-            self.transport.write(self._answer(503, message, b"retry-after: %d\r\n" % RETRY_AFTER))
-            self.transport.close()
-            self.taken_over = True  # nothing more of this connection is parsed or answered
-            limits.refused.add()
+        if self.probe_only and (url.path not in PROBE_PATHS or self.parser.should_upgrade()):
+            self._refuse_at_limit()
             return
         if (
             url.path.startswith(b"/stream/")
@@ -324,6 +322,15 @@ class StreamingHttpProtocol(HttpToolsProtocol):
             self._take_over(url)
         else:
             super().on_headers_complete()
+
+    def _refuse_at_limit(self) -> None:
+        """A probe-only connection asked for something else: 503, and nothing more of it is read."""
+        limits = self.limits
+        message = f"Server at its connection limit ({limits.max_connections}); retry later\n"
+        self.transport.write(self._answer(503, message, b"retry-after: %d\r\n" % RETRY_AFTER))
+        self.transport.close()
+        self.taken_over = True  # nothing more of this connection is parsed or answered
+        limits.refused.add()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

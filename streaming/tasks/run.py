@@ -80,6 +80,11 @@ class TaskRun:
             self._watchdog.cancel()
             self._watchdog = None
 
+    @property
+    def ending(self) -> bool:
+        """Its end is being written (from then on the row's fate is the end's)."""
+        return self._terminal is not None
+
     def ensure_lease(self) -> None:
         """Raise ``LeaseLost`` unless the lease is still proven (a process
         resumed after a pause past its deadline stops here)."""

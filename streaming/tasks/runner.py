@@ -11,7 +11,7 @@ from asgiref.sync import sync_to_async
 from ..conf import lease_margin
 from ..events import CANCELLED, COMPLETE, ERROR, RETRY, to_json_value
 from ..keys import TaskKey
-from ..models import Recovery, Status
+from ..models import Recovery, Status, StreamTask
 from . import store, wake
 from .registry import stream_models
 from .run import TaskRun
@@ -208,8 +208,8 @@ class Runner:
                 )
             }
             for run in renewing:
-                if run.task is None or run.task.done():
-                    continue
+                if run.task is None or run.task.done() or run.ending:
+                    continue  # over, or ending: its row is no longer "running", not lost
                 if run.key not in lost:
                     run.hold_until(began + self.lease_span)
                 elif run.task and not run.lease_lost:
@@ -221,7 +221,7 @@ class Runner:
         for model, pk in taken:
             key = TaskKey.of(model, pk)
             try:
-                await self._salvage(key)
+                await self._salvage(model, key)
                 item = await sync_to_async(store.settle_orphan)(model, pk, self.owner)
             except Exception:
                 # Ours for a lease: the next look (or another node's) settles it.
@@ -237,19 +237,18 @@ class Runner:
                 if item.event is not None:  # always, for a task that was failed
                     await self.hub.publish(key, item.event)
 
-    async def _salvage(self, key: TaskKey) -> None:
+    async def _salvage(self, model: type[StreamTask], key: TaskKey) -> None:
         """Log what the dead run published but could not write: with Redis, its
         events reached the stream (and every node's clients) before its log
         write; they are copied into the log before the task is settled, so the
         log holds every event any client saw. (In process there is nothing to
-        copy: the run's log writes and its publishes died together.)"""
-        if not self.transport.shared:
+        copy: the run's log writes and its publishes died together.) With
+        Redis unreachable this raises, and the task waits for the next look."""
+        if not model.persist_events or not self.transport.shared:
             return
-        history = self.transport.history(self.eventlog)
         after = await sync_to_async(store.logged_after)(key)
         while True:
-            missed = await history.read(key, after, self.settings.EVENT_BATCH_SIZE)
-            missed = [event for event in missed if event.seq > after]
+            missed = await self.transport.sent_after(key, after, self.settings.EVENT_BATCH_SIZE)
             if not missed:
                 return
             await sync_to_async(store.write_events)([(key, event) for event in missed])

@@ -273,6 +273,19 @@ class ConnectionLimitTests(ServerTestCase):
             for path in ("/health", "/health", "/health", "/ready"):
                 probe = exchange(self.server, request(path, b"connection: close"))
                 self.assertEqual(status_of(probe), 200, probe[:300])
+            # A probe path is no way in for anything else: an upgrade there is refused,
+            # and takes no place from the probes (more of them than the reserve holds).
+            upgrade = request(
+                "/health",
+                b"upgrade: websocket",
+                b"connection: Upgrade",
+                b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==",
+                b"sec-websocket-version: 13",
+            )
+            for _ in range(20):
+                self.assertEqual(status_of(exchange(self.server, upgrade)), 503)
+            probe = exchange(self.server, request("/health", b"connection: close"))
+            self.assertEqual(status_of(probe), 200, probe[:300])
             self.assert_refused(f"/stream/ScriptedTask/{ScriptedTask.objects.create(steps=1).pk}")
             for sock in held:  # accepted before the refused ones, and not refused
                 sock.setblocking(False)

@@ -35,7 +35,7 @@ from streaming.tests.test_runner import (
     wait_logged,
     wait_status,
 )
-from streaming.tests.testapp.models import FragileTask, ScriptedTask
+from streaming.tests.testapp.models import EphemeralTask, FragileTask, ScriptedTask
 
 
 def published_at(node) -> list[tuple[float, int]]:
@@ -321,3 +321,42 @@ class SalvageTests(RunnerTestCase):
             [(e.seq, e.type) for e in await logged(orphan)],
             [(1, "step"), (2, "step"), (3, "step"), (4, "step"), (1001, "error")],
         )
+
+    async def redis_or_skip(self):
+        url = get_settings().BROKER_URL or ""
+        if not url.startswith("redis"):
+            self.skipTest("needs the Redis broker (the suite's PostgreSQL + Redis pass)")
+        return url
+
+    async def test_with_redis_down_the_task_waits_until_its_events_can_be_salvaged(self):
+        url = await self.redis_or_skip()
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        orphan = await sync_to_async(make_orphan)(FragileTask, DEAD_OWNER, expires_in=-5, logged_steps=2)
+        async with Node(node_settings(BROKER_URL=url, LEASE_SECONDS=0.9)) as node:
+            down = mock.AsyncMock(side_effect=RedisConnectionError("Connection refused"))
+            with mock.patch.object(node.transport, "sent_after", down):
+                await eventually(lambda: down.await_count >= 2, message="two recovery looks")
+                await orphan.arefresh_from_db()
+                self.assertEqual(orphan.status, "running")  # not settled without what Redis holds
+            await wait_status(orphan, "failed")  # Redis back: salvaged, then settled
+        self.assertEqual([e.type for e in await logged(orphan)], ["step", "step", "error"])
+
+    async def test_a_model_that_keeps_no_log_gets_none_from_a_salvage(self):
+        url = await self.redis_or_skip()
+        from redis import asyncio as aioredis
+
+        from streaming.transports.redis import stream_name
+
+        orphan = await sync_to_async(make_orphan)(EphemeralTask, DEAD_OWNER, expires_in=-5, logged_steps=0)
+        key = TaskKey.of(orphan)
+        client = aioredis.Redis.from_url(url)
+        try:
+            payload = build_payload({"step": 1}, task_id=orphan.pk, model_name="EphemeralTask")
+            await client.xadd(stream_name(key), {"t": "step", "p": payload}, id="1-0")
+            async with Node(node_settings(BROKER_URL=url)):
+                await wait_status(orphan, "completed")  # RETRY: requeued, then run again
+        finally:
+            await client.delete(stream_name(key))
+            await client.aclose()
+        self.assertNotIn(1, [e.seq for e in await logged(orphan)])

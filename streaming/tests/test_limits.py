@@ -9,12 +9,13 @@ import socket
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.asgi import ASGIHandler
-from django.test import SimpleTestCase, TransactionTestCase
+from django.test import SimpleTestCase, TransactionTestCase, override_settings
 
-from streaming.conf import from_environ
+from streaming.conf import from_environ, get_settings
 from streaming.events import Event
 from streaming.fanout.hub import Hub
 from streaming.keys import TaskKey
+from streaming.node import Node
 from streaming.tasks import store
 from streaming.tests.support import eventually, node_settings, serving
 from streaming.tests.support import raw_request as request
@@ -173,11 +174,45 @@ class StreamLimitsUnitTests(SimpleTestCase):
         self.assertEqual(client_address("127.0.0.1", {}, trusted), "127.0.0.1")
         self.assertEqual(client_address("127.0.0.1", {b"x-forwarded-for": b"10.0.0.1"}, trusted), "10.0.0.1")
         self.assertEqual(client_address("127.0.0.1", xff, ()), "127.0.0.1")
-        self.assertEqual(len(client_address("127.0.0.1", {b"x-forwarded-for": b"x" * 5000}, trusted)), 64)
+        # A hop that is not an address ends the walk at the last one vouched for.
+        self.assertEqual(client_address("127.0.0.1", {b"x-forwarded-for": b"x" * 5000}, trusted), "127.0.0.1")
+        spoofed = {b"x-forwarded-for": b"203.0.113.9, rotate-me-1, 10.0.0.1"}
+        self.assertEqual(client_address("127.0.0.1", spoofed, trusted), "10.0.0.1")
+        # A peer on an IPv6 socket bound to "::" shows IPv4 clients as IPv4-mapped addresses.
+        self.assertEqual(client_address("::ffff:127.0.0.1", xff, trusted), "203.0.113.1")
+        self.assertEqual(client_address("::ffff:192.0.2.9", xff, trusted), "192.0.2.9")
+        self.assertEqual(client_address("127.0.0.1", xff, ["127.0.0.1"]), "10.1.2.3")  # a list works too
 
     def test_a_bad_trusted_proxy_is_a_configuration_error(self):
         with self.assertRaisesMessage(ImproperlyConfigured, "TRUSTED_PROXIES"):
             StreamLimits(node_settings(TRUSTED_PROXIES=("not-an-address",)))
+
+    def test_lists_in_settings_are_taken_and_bad_limits_refused_at_start(self):
+        with override_settings(
+            STREAMING={"TRUSTED_PROXIES": ["10.0.0.0/8"], "CORS_ALLOWED_ORIGINS": ["https://a.b"]}
+        ):
+            settings = get_settings()
+            self.assertEqual(settings.TRUSTED_PROXIES, ("10.0.0.0/8",))
+            self.assertEqual(settings.CORS_ALLOWED_ORIGINS, ("https://a.b",))
+            StreamLimits(settings)
+            Cors(settings)
+        for bad in ({"MAX_STREAMS": None}, {"MAX_STREAMS_PER_CLIENT": 0}):
+            with (
+                self.subTest(bad=bad),
+                override_settings(STREAMING=bad),
+                self.assertRaisesMessage(ImproperlyConfigured, "positive number"),
+            ):
+                get_settings()
+
+    async def test_a_bad_cors_setting_fails_the_start_not_a_request(self):
+        from streaming.web.app import StreamingApp
+
+        app = StreamingApp(
+            node_factory=lambda: Node(node_settings(CORS_ALLOWED_ORIGINS=("*",), CORS_ALLOW_CREDENTIALS=True))
+        )
+        with self.assertRaisesMessage(ImproperlyConfigured, "CORS_ALLOW_CREDENTIALS"):
+            await app.start()
+        self.assertIsNone(app.node)
 
 
 class CorsSettingsTests(SimpleTestCase):

@@ -63,6 +63,11 @@ class Transport(ABC):
     async def check(self) -> None:  # noqa: B027 - optional hook
         """Raise if the broker cannot be reached now (readiness)."""
 
+    async def sent_after(self, key: TaskKey, after: int, limit: int) -> list[Event]:
+        """Events of ``key`` after ``after`` that reached the broker (not the log):
+        what a dead run sent before it died. Raises if the broker cannot say."""
+        return []
+
     @abstractmethod
     def publish(self, key: TaskKey, event: Event) -> None:
         """Carry an event published here to the other processes (local delivery is the hub's)."""

@@ -150,6 +150,11 @@ class RedisTransport(Transport):
     async def check(self) -> None:
         await self.redis.ping()
 
+    async def sent_after(self, key: TaskKey, after: int, limit: int) -> list[Event]:
+        name = stream_name(key)
+        entries = cast("list[Entry]", await self.redis.xrange(name, f"({after}-0", "+", count=limit))
+        return [_event(i, f) for i, f in entries]
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -192,6 +192,7 @@ class StreamingApp:
     async def _start_node(self, by_request: bool) -> Node:
         try:
             node = self.node_factory()
+            self._build_guards(node.settings)  # a bad CORS or limit setting fails the start, not a request
             await node.start()
         except Exception:
             logger.exception("Streaming node failed to start")
@@ -312,7 +313,7 @@ class StreamingApp:
             query_string,
             header_map,
             cookies=cross_origin is None or cross_origin.credentials,
-            client=client_address(client, header_map, self.node.settings.TRUSTED_PROXIES),
+            client=client_address(client, header_map, limits.trusted_proxies),
             limits=limits,
         )
         if not cors_headers:

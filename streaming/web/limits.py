@@ -46,8 +46,9 @@ class StreamLimits:
             f"MAX_STREAMS_PER_CLIENT={self.max_per_client}, MAX_STREAMS_PER_TASK={self.max_per_task}). "
             f"Logged at most every {LOG_EVERY:g} s.",
         )
+        self.trusted_proxies = tuple(settings.TRUSTED_PROXIES)
         try:
-            _networks(settings.TRUSTED_PROXIES)
+            _networks(self.trusted_proxies)
         except ValueError as exc:
             raise ImproperlyConfigured(f"STREAMING['TRUSTED_PROXIES']: {exc}") from None
 
@@ -135,27 +136,46 @@ def client_address(
     peer: str | None, headers: Mapping[bytes, bytes], trusted_proxies: tuple[str, ...]
 ) -> str | None:
     """The client's address: the peer's, or behind a trusted proxy the nearest
-    address in X-Forwarded-For that is not a trusted proxy itself."""
-    if peer is None or not _trusted(peer, trusted_proxies):
-        return peer
+    address in X-Forwarded-For that is not a trusted proxy itself. A hop that
+    is not an address ends the walk at the last one vouched for: whatever a
+    client writes further left is its own claim."""
+    if peer is None:
+        return None
+    address = _address(peer)
+    if address is None:
+        return peer  # a Unix socket's peer, say: one client
+    if not _trusted(address, trusted_proxies):
+        return str(address)
     forwarded = headers.get(b"x-forwarded-for")
     if not forwarded:
-        return peer
-    hops = [hop.strip() for hop in forwarded.decode("latin-1").split(",") if hop.strip()]
-    for hop in reversed(hops):
-        if not _trusted(hop, trusted_proxies):
-            return hop[:64]  # a bounded key, whatever the header says
-    return hops[0][:64] if hops else peer
+        return str(address)
+    vouched = str(address)
+    for hop in reversed(forwarded.decode("latin-1").split(",")):
+        hop_address = _address(hop.strip())
+        if hop_address is None:
+            return vouched
+        if not _trusted(hop_address, trusted_proxies):
+            return str(hop_address)
+        vouched = str(hop_address)
+    return vouched
 
 
-def _trusted(address: str, trusted_proxies: tuple[str, ...]) -> bool:
-    if not trusted_proxies:
-        return False
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an address (an IPv4-mapped IPv6 one as IPv4), or None."""
     try:
-        ip = ipaddress.ip_address(address)
+        address = ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return any(ip in network for network in _networks(trusted_proxies))
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _trusted(address: Address, trusted_proxies: tuple[str, ...]) -> bool:
+    return any(address in network for network in _networks(tuple(trusted_proxies)))
 
 
 @cache
