@@ -216,6 +216,38 @@ class StreamTask(models.Model):
     async def acancel(self) -> str:
         return await sync_to_async(self.cancel)()
 
+    def rerun(self) -> Self:
+        """Run a finished task again, as a new row; returns the new task (pending).
+
+        The new row copies this row's own fields (those of your subclass, read
+        afresh from the database), not the bookkeeping of ``StreamTask``
+        (status, times, result, attempts, lease...). A new row and not a reset
+        of this one: a stream ends at its terminal event, and whoever watches
+        this id keeps seeing this run's finished history. Many-to-many
+        relations are not copied; override to copy them, or to change a field
+        for the new run (``new = super().rerun()``, then save it).
+        Raises ValueError for a task that is not finished.
+        """
+        model = type(self)
+        current = model.objects.get(pk=self.pk)
+        if not current.is_finished:
+            raise ValueError(
+                f"{model.__name__} {self.pk} is {current.status}: only a finished task "
+                "(completed, failed or cancelled) can run again"
+            )
+        bookkeeping = {f.name for f in StreamTask._meta.local_fields}
+        values = {
+            field.attname: getattr(current, field.attname)
+            for field in model._meta.concrete_fields
+            if not field.primary_key
+            and field.name not in bookkeeping
+            and not (field.remote_field is not None and field.remote_field.parent_link)
+        }
+        return model.objects.create(**values, status=Status.PENDING)
+
+    async def arerun(self) -> Self:
+        return await sync_to_async(self.rerun)()
+
     @property
     def is_finished(self) -> bool:
         return self.status in FINISHED_STATUSES
