@@ -208,6 +208,7 @@ class InstallTests(SimpleTestCase):
             "streaming/__init__.py",
             "streaming/migrations/0001_initial.py",
             "streaming/py.typed",
+            "streaming/static/streaming/admin-tail.js",  # the admin's live tail
         ):
             self.assertIn(required, names, context)
         self.assertIn(f"Version: {streaming.__version__}\n", metadata)

@@ -2,7 +2,7 @@ from django.contrib import admin
 
 from streaming.admin import StreamTaskAdmin
 
-from .models import EphemeralTask, FragileTask, GeneratorTask, ScriptedTask
+from .models import EphemeralTask, FragileTask, GeneratorTask, PrivateTask, ScriptedTask
 
-for model in (ScriptedTask, FragileTask, EphemeralTask, GeneratorTask):
+for model in (ScriptedTask, FragileTask, EphemeralTask, GeneratorTask, PrivateTask):
     admin.site.register(model, StreamTaskAdmin)
