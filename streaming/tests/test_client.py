@@ -190,7 +190,7 @@ class BusyServerTests(SimpleTestCase):
             busy,
             sse_response(b'event: complete\ndata: {"n": 2}\nid: 2\n\n'),
         )
-        with mock.patch("streaming.client.time.sleep") as sleep:
+        with mock.patch("streaming.client.sync.time.sleep") as sleep:
             received = events_of(client)
         self.assertEqual([e.id for e in received], ["1", "2"])
         self.assertEqual([r.headers.get("last-event-id") for r in requests], [None, "1", "1"])
@@ -200,7 +200,7 @@ class BusyServerTests(SimpleTestCase):
         busy = [httpx.Response(503, headers={"retry-after": "600"}) for _ in range(3)]
         client, _ = mock_client(*busy)
         with (
-            mock.patch("streaming.client.time.sleep") as sleep,
+            mock.patch("streaming.client.sync.time.sleep") as sleep,
             client,
             self.assertRaisesRegex(StreamError, "2 reconnects failed"),
         ):
