@@ -66,6 +66,8 @@ class ProgressBar:
             self.bar.total = total
         if _number(step):
             self.bar.n = step
+        elif event.type == "complete" and self.bar.total:
+            self.bar.n = self.bar.total  # done, even when the steps came before we connected
         message = data.get("message")
         if event.type == "error" and data.get("type"):
             message = f"{data['type']}: {message}"

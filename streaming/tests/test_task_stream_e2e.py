@@ -1,0 +1,285 @@
+"""TaskStream, AsyncTaskStream and stream_client.py against a real runserver_stream subprocess."""
+
+import asyncio
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from unittest import mock
+
+from django.db import connection
+from django.test import TransactionTestCase
+
+from demo.models import ContinueTask, ExampleTask
+from streaming.client import (
+    AccessExpired,
+    AsyncTaskStream,
+    Event,
+    StreamHTTPError,
+    TaskCancelled,
+    TaskFailed,
+    TaskStream,
+)
+from streaming.models import TaskEvent
+from streaming.tests.testapp.models import FragileTask, PrivateTask, ScriptedTask
+
+from .servercase import ServerTestCase
+from .support import REPO, ServerProcess, subprocess_env
+
+KINDS = ("sync", "async")
+RULE = "=" * 60
+
+
+def drive(
+    kind: str,
+    url: str,
+    *,
+    on_event: Callable[[Event], None] | None = None,
+    **kwargs: Any,
+) -> tuple[list[Event], Any]:
+    """Read the stream with TaskStream or AsyncTaskStream, then ``result()``:
+    (the events, the value or the exception raised). ``on_event`` runs (blocking)
+    after each event."""
+    events: list[Event] = []
+    if kind == "sync":
+        with TaskStream(url, **kwargs) as sync_stream:
+            try:
+                for event in sync_stream:
+                    events.append(event)
+                    if on_event:
+                        on_event(event)
+                return events, sync_stream.result()
+            except Exception as exc:
+                return events, exc
+
+    async def read() -> Any:
+        async with AsyncTaskStream(url, **kwargs) as async_stream:
+            try:
+                async for event in async_stream:
+                    events.append(event)
+                    if on_event:
+                        on_event(event)
+                return await async_stream.result()
+            except Exception as exc:
+                return exc
+
+    return events, asyncio.run(read())
+
+
+def in_thread(function: Callable[[], object]) -> None:
+    """Run ``function`` (ORM calls) in a thread of its own, and wait for it."""
+
+    def run() -> None:
+        try:
+            function()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+
+
+def int_ids(events: list[Event]) -> list[int]:
+    return [int(event.id) for event in events if event.id is not None]
+
+
+class TaskStreamTests(ServerTestCase):
+    def each_kind(self):
+        for kind in KINDS:
+            with self.subTest(kind):
+                yield kind
+
+    def test_events_and_result_are_the_tasks(self):
+        for returned in (5, {"rows": 2}, None, {"result": 3}, {}, [1, "x"]):
+            task = ScriptedTask.objects.create(steps=2, result=returned)
+            for kind in KINDS:
+                with self.subTest(returned=returned, kind=kind):
+                    events, outcome = drive(kind, self.server.url, model="ScriptedTask", task_id=task.pk,
+                                            last_event_id=0)  # fmt: skip
+                    self.assertEqual(outcome, returned)
+                    self.assertEqual([e.type for e in events], ["step", "step", "complete"])
+                    self.assertEqual(int_ids(events), [e.seq for e in self.logged(task)])
+                    self.assertEqual(events[0].task, ("ScriptedTask", str(task.pk)))
+
+    def test_a_failed_task_raises_task_failed(self):
+        task = FragileTask.objects.create(steps=3, fail_at=2)
+        for kind in self.each_kind():
+            events, outcome = drive(kind, self.url(task), last_event_id=0)
+            self.assertEqual([e.type for e in events], ["step", "error"])
+            self.assertIsInstance(outcome, TaskFailed)
+            self.assertEqual(
+                (outcome.error_type, outcome.message), ("ValueError", "failing at step 2 as scripted")
+            )
+
+    def test_a_cancelled_task_raises_task_cancelled(self):
+        for kind in self.each_kind():
+            task = ContinueTask.objects.create(poll_interval=0.05)
+
+            def cancel(event: Event, task=task) -> None:
+                if event.type == "started":
+                    in_thread(task.cancel)  # the async kind calls this inside its event loop
+
+            events, outcome = drive(kind, self.url(task), on_event=cancel)
+            self.assertEqual([e.type for e in events], ["started", "cancelled"])
+            self.assertIsInstance(outcome, TaskCancelled)
+
+    def test_a_finished_task_answers_204_and_result_reads_its_status(self):
+        done = ScriptedTask.objects.create(steps=1, result={"result": 9})
+        failed = FragileTask.objects.create(steps=2, fail_at=1)
+        self.wait_status(done, "completed")
+        self.wait_status(failed, "failed")
+        for kind in self.each_kind():
+            last = self.logged(done)[-1].seq
+            events, outcome = drive(kind, self.url(done), last_event_id=last)
+            self.assertEqual((events, outcome), ([], {"result": 9}))
+            events, outcome = drive(kind, self.url(failed), last_event_id=self.logged(failed)[-1].seq)
+            self.assertEqual(events, [])
+            self.assertIsInstance(outcome, TaskFailed)
+            self.assertEqual(str(outcome), "ValueError: failing at step 1 as scripted")
+
+    def test_a_missing_task_is_a_final_404(self):
+        for kind in self.each_kind():
+            started = time.monotonic()
+            _, outcome = drive(kind, f"{self.server.url}/stream/ScriptedTask/999999")
+            self.assertIsInstance(outcome, StreamHTTPError)
+            self.assertEqual(str(outcome), "HTTP 404: ScriptedTask 999999 not found")
+            self.assertLess(time.monotonic() - started, 2.0)  # no reconnects
+
+    def test_a_protected_task_streams_with_its_token(self):
+        task = PrivateTask.objects.create(steps=2, result=4)
+        other = PrivateTask.objects.create(steps=1)
+        for kind in self.each_kind():
+            events, outcome = drive(kind, self.url(task), token=task.stream_token(), last_event_id=0)
+            self.assertEqual(([e.type for e in events], outcome), (["step", "step", "complete"], 4))
+            _, refused = drive(kind, self.url(task))
+            self.assertIsInstance(refused, StreamHTTPError)
+            self.assertEqual(refused.status_code, 403)
+            self.assertIn(f"Not allowed to watch PrivateTask {task.pk}", refused.message)
+            _, wrong = drive(kind, self.url(task), token=other.stream_token())
+            self.assertEqual(wrong.status_code, 403)
+
+    def test_a_token_that_expires_mid_stream_ends_with_access_expired_and_resumes_with_a_new_one(self):
+        for kind in self.each_kind():
+            task = PrivateTask.objects.create(steps=60, delay=0.05, result="done")  # 3 s: outlives the token
+            events, outcome = drive(
+                kind, self.url(task), token=task.stream_token(expires_in=1), last_event_id=0
+            )
+            self.assertIsInstance(outcome, AccessExpired)
+            self.assertTrue(events)
+            self.assertEqual(outcome.last_event_id, events[-1].id)
+            self.assertIn("resume after event", str(outcome))
+            more, value = drive(
+                kind, self.url(task), token=task.stream_token(), last_event_id=outcome.last_event_id
+            )
+            self.assertEqual(value, "done")
+            self.assertEqual(int_ids(events + more), [e.seq for e in self.logged(task)])
+
+
+class RestartTests(TransactionTestCase):
+    def test_resumes_across_a_server_restart_without_loss_or_repetition(self):
+        for kind in KINDS:
+            with self.subTest(kind):
+                self.restart_under(kind)
+
+    def restart_under(self, kind: str) -> None:
+        server = ServerProcess().start()
+        self.addCleanup(server.stop)
+        task = ScriptedTask.objects.create(steps=40, delay=0.05, result="finished")
+        waits: list[float] = []
+        real_sleep, real_asleep = time.sleep, asyncio.sleep
+
+        def restart(event: Event) -> None:
+            if event.id == "3":
+                server.stop()  # graceful: streams get "retry: 1000"; the task goes back to pending
+                server.start()
+
+        async def asleep(seconds: float) -> None:
+            waits.append(seconds)
+            await real_asleep(seconds)
+
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            real_sleep(seconds)
+
+        with (
+            mock.patch("streaming.client.sync.sleep", sleep),
+            mock.patch("streaming.client.aio.sleep", asleep),
+        ):
+            events, outcome = drive(
+                kind, f"{server.url}{task.get_stream_path()}", last_event_id=0, on_event=restart
+            )
+        self.assertEqual(outcome, "finished")
+        got = int_ids(events)
+        self.assertEqual(got, sorted(set(got)), "ids strictly increase: nothing twice")
+        logged = TaskEvent.objects.filter(task_type=task._meta.label_lower, task_id=str(task.pk)).order_by(
+            "seq"
+        )
+        self.assertEqual(got, [e.seq for e in logged], "every logged event, in order: nothing lost")
+        self.assertIn("retry", [e.type for e in events])  # the second attempt's first event
+        self.assertEqual(len(waits), 1, waits)
+        self.assertTrue(1.0 <= waits[0] <= 1.5, f"the server's retry: 1000, jittered: {waits}")
+        server.stop()
+
+
+class StreamClientOptionTests(ServerTestCase):
+    def run_client(self, *args: str, prelude: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
+        code = f"{prelude}import runpy, sys; sys.argv = ['stream_client.py', *sys.argv[1:]]; " \
+               "runpy.run_path('stream_client.py', run_name='__main__')"  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-c", code, *args, "--port", str(self.server.port)],
+            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def test_progress_draws_a_bar_to_total_over_total(self):
+        task = ExampleTask.objects.create(step_delay=0.3, status="created")
+        client = subprocess.Popen(
+            [sys.executable, "stream_client.py", "ExampleTask", str(task.pk), "--port", str(self.server.port),
+             "--progress"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+        )  # fmt: skip
+        self.addCleanup(client.kill)
+        header = "".join(client.stdout.readline() for _ in range(4))
+        self.assertEqual(
+            header, f"{RULE}\nConnecting to: {self.server.url}/stream/ExampleTask/{task.pk}\n{RULE}\n\n"
+        )
+        time.sleep(0.5)  # the header is printed just before connecting
+        task.start()
+        out, err = client.communicate(timeout=60)
+        self.assertEqual((client.returncode, err), (0, ""))
+        bar, footer = out.rsplit("\n\n", 1)
+        self.assertEqual(footer, f"{RULE}\nStream ended with: COMPLETE\nTotal events received: 5\n{RULE}\n")
+        frames = [frame for frame in re.split(r"[\r\n]", bar) if frame.strip()]
+        self.assertIn("Step 1 of 3", "".join(frames))
+        self.assertRegex(frames[-1], r"^Task completed successfully: 100%\|.*\| 3/3 ")
+        self.assertNotIn("Event:", out)
+
+    def test_progress_without_tqdm_says_what_to_install(self):
+        result = self.run_client(
+            "ExampleTask", "1", "--progress", prelude="import sys; sys.modules['tqdm'] = None; "
+        )
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(
+            result.stderr,
+            "Error: --progress needs tqdm: pip install 'django-streaming-coordinator[progress]'\n",
+        )
+
+    def test_token_opens_a_protected_task(self):
+        task = PrivateTask.objects.create(steps=1)
+        self.wait_status(task, "completed")
+        allowed = self.run_client("PrivateTask", str(task.pk), "--token", task.stream_token())
+        self.assertEqual(allowed.returncode, 0, allowed.stderr)
+        self.assertIn("[1] Event: COMPLETE\n", allowed.stdout)
+        self.assertIn("Stream ended with: COMPLETE\n", allowed.stdout)
+        refused = self.run_client("PrivateTask", str(task.pk))
+        self.assertEqual(refused.returncode, 1)
+        self.assertEqual(
+            refused.stderr,
+            f"Error: HTTP 403: Not allowed to watch PrivateTask {task.pk}: sign in as a user who may, "
+            "or use a stream token\n",
+        )
