@@ -9,6 +9,8 @@
 
 ``AsyncTaskStream`` is the same for asyncio (``async for``, ``await
 stream.result()``); ``stream_events(url)`` is the plain generator.
+``MultiStream`` / ``AsyncMultiStream`` read several tasks (and model feeds)
+on one connection, the multiplexed stream, with a cursor per task.
 
 There is no read timeout (a task may stay silent for as long as it likes). A
 connection that drops before the task ends is resumed with ``Last-Event-ID``,
@@ -29,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "streaming.client needs httpx and httpx-sse: pip install 'django-streaming-coordinator[client]'"
     ) from exc
 
-from .aio import AsyncTaskStream
+from .aio import AsyncMultiStream, AsyncTaskStream
 from .protocol import (
     ACCESS_EXPIRED,
     MAX_RETRY_AFTER,
@@ -44,7 +46,7 @@ from .protocol import (
     TaskError,
     TaskFailed,
 )
-from .sync import DEFAULT_TIMEOUT, TaskStream, stream_events
+from .sync import DEFAULT_TIMEOUT, MultiStream, TaskStream, stream_events
 
 __all__ = [
     "ACCESS_EXPIRED",
@@ -52,8 +54,10 @@ __all__ = [
     "MAX_RETRY_AFTER",
     "TERMINAL_EVENTS",
     "AccessExpired",
+    "AsyncMultiStream",
     "AsyncTaskStream",
     "Event",
+    "MultiStream",
     "StreamConnectError",
     "StreamError",
     "StreamGaveUp",

@@ -10,7 +10,7 @@ import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from httpx_sse import ServerSentEvent
 
@@ -167,6 +167,22 @@ def parse_event(sse: ServerSentEvent) -> Event | None:
 Opening = Literal["stream", "ended", "refused"]
 
 
+class ReadState(Protocol):
+    """Where a stream stands: what ``sync.py`` and ``aio.py`` read it with."""
+
+    url: str
+    ended: bool
+    reconnects: "Reconnects"
+
+    def params(self) -> list[tuple[str, str]]: ...
+
+    def headers(self, token: str | None, extra: Mapping[str, str] | None) -> dict[str, str]: ...
+
+    def receive(self, sse: ServerSentEvent) -> "Event | None": ...
+
+    def no_more_events(self) -> None: ...
+
+
 class Reconnects:
     """When to reconnect and for how long to wait; when to give up.
 
@@ -286,6 +302,12 @@ class StreamState:
             self.ended = True
         return event
 
+    def params(self) -> list[tuple[str, str]]:
+        return []
+
+    def headers(self, token: str | None, extra: Mapping[str, str] | None) -> dict[str, str]:
+        return request_headers(self.last_event_id, token, extra)
+
     def no_more_events(self) -> None:
         """A 204: the task ended at or before our last event."""
         self.ended = True
@@ -341,3 +363,118 @@ def outcome_from_status(url: str, body: Any) -> Any:
     if status == "cancelled":
         raise TaskCancelled()
     raise StreamError(f"the task at {url} has not ended (status {status!r})")
+
+
+@dataclass
+class TrackedTask:
+    """A task of a multiplexed stream: how the request names it, and where it stands."""
+
+    model: str  # as the request names it: "Model" or "app_label/Model"
+    task_id: str
+    cursor: int | None = None  # the id of its last event seen
+    ended: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What its events' data say: ``(_model, _task_id)`` (the model without app label)."""
+        return self.model.rpartition("/")[2], self.task_id
+
+    def target(self) -> str:
+        """Its ``task=`` value: ``Model/id``, or ``Model/id@cursor`` to resume after its cursor."""
+        where = f"{self.model}/{self.task_id}"
+        return where if self.cursor is None else f"{where}@{self.cursor}"
+
+
+TaskSpec = str | tuple[str, object] | tuple[str, object, int | str | None]
+
+
+def parse_task(spec: TaskSpec) -> TrackedTask:
+    """``"Model/id"``, ``"app_label/Model/id"``, either with ``@<last event id>``,
+    or ``(model, id)`` / ``(model, id, last event id)``."""
+    if isinstance(spec, tuple):
+        model, task_id, *rest = spec
+        after = rest[0] if rest else None
+        return TrackedTask(str(model).strip("/"), str(task_id), None if after is None else int(after))
+    where, _, after_text = spec.partition("@")
+    model, _, task_id = where.strip("/").rpartition("/")
+    if not model or not task_id or (after_text and not after_text.isdigit()):
+        raise ValueError(f"{spec!r} is not a task: expected <Model>/<id> or <Model>/<id>@<last event id>")
+    return TrackedTask(model, task_id, int(after_text) if after_text else None)
+
+
+class MuxState:
+    """A multiplexed stream (``/stream/?task=...&feed=...``): a cursor per task.
+
+    Each event's ``id:`` is its own task's number, so ``Last-Event-ID`` means
+    nothing here: a reconnect names every task not yet ended with
+    ``task=<Model>/<id>@<cursor>`` (tasks a feed brought in included), and
+    leaves out the ended ones. Events at or before a task's cursor are
+    dropped, should a server ever send one twice.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        tasks: "list[TrackedTask]",
+        feeds: list[str],
+        reconnects: Reconnects,
+        *,
+        history: bool = False,
+    ) -> None:
+        self.url = url
+        self.tasks: dict[tuple[str, str], TrackedTask] = {}
+        for task in tasks:
+            self.tasks.setdefault(task.key, task)
+        self.feeds = [feed.strip("/") for feed in feeds]
+        self.reconnects = reconnects
+        self.history = history
+        self.terminals: dict[tuple[str, str], Event] = {}
+        self.ended = not self.tasks and not self.feeds
+
+    @property
+    def cursors(self) -> dict[tuple[str, str], int | None]:
+        """``(model, task id)``: the id of the last event seen of each task (None: none yet)."""
+        return {key: task.cursor for key, task in self.tasks.items()}
+
+    def headers(self, token: str | None, extra: Mapping[str, str] | None) -> dict[str, str]:
+        return request_headers(None, token, extra)  # Last-Event-ID means nothing here
+
+    def params(self) -> list[tuple[str, str]]:
+        params = [("task", task.target()) for task in self.tasks.values() if not task.ended]
+        params += [("feed", feed) for feed in self.feeds]
+        if self.history:
+            params.append(("history", "all"))
+        return params
+
+    def receive(self, sse: ServerSentEvent) -> Event | None:
+        if sse.retry is not None:
+            self.reconnects.set_retry(sse.retry)
+        event = parse_event(sse)
+        if event is None:
+            return None
+        if event.type == ACCESS_EXPIRED:
+            raise AccessExpired(self.url, None, event.data)
+        key = event.task
+        seq = int(sse.id) if sse.id.isdigit() else None
+        if key is None or seq is None:  # not a task's event: nothing to track
+            return event
+        task = self.tasks.get(key)
+        if task is None:  # a task a feed brought in: named as the feed names its model
+            model = next((feed for feed in self.feeds if feed.rpartition("/")[2] == key[0]), key[0])
+            task = self.tasks[key] = TrackedTask(model, key[1])
+        if task.ended or (task.cursor is not None and seq <= task.cursor):
+            return None
+        task.cursor = seq
+        self.reconnects.progressed()
+        if event.terminal:
+            task.ended = True
+            self.terminals[key] = event
+            if not self.feeds and all(t.ended for t in self.tasks.values()):
+                self.ended = True
+        return event
+
+    def no_more_events(self) -> None:
+        """A 204: every task had ended before its cursor."""
+        for task in self.tasks.values():
+            task.ended = True
+        self.ended = True

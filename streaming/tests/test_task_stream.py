@@ -12,13 +12,16 @@ import random
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
+from urllib.parse import parse_qsl, urlsplit
 
 from django.test import SimpleTestCase
 
 from streaming.client import (
     AccessExpired,
+    AsyncMultiStream,
     AsyncTaskStream,
     Event,
+    MultiStream,
     StreamConnectError,
     StreamError,
     StreamGaveUp,
@@ -145,6 +148,12 @@ class ResumeTests(ClientCase):
             self.assertEqual([e.type for e in events], ["complete"])
             self.assertEqual(outcome, {"a": 1})
             self.assertEqual(len(server.requests), 1)
+
+    def test_the_urls_own_query_is_kept(self):
+        for kind in self.each_kind():
+            with ScriptedServer(stream(sse("complete", 1, {}))) as server:
+                drive(kind, server.url("/stream/ScriptedTask/1?history=all"))
+            self.assertEqual(server.requests[0].path, "/stream/ScriptedTask/1?history=all")
 
     def test_starts_after_a_given_last_event_id(self):
         for kind in self.each_kind():
@@ -427,3 +436,155 @@ class ConstructionTests(SimpleTestCase):
         self.assertEqual(TaskStream("http://h:1/stream/Report/7").url, "http://h:1/stream/Report/7")
         with self.assertRaisesRegex(TypeError, "give both model and task_id"):
             TaskStream("http://h:1", "Report")
+
+
+def read_many(
+    kind: str, base_url: str, *, stop_after: int | None = None, **kwargs: Any
+) -> tuple[list[Event], Any, Any]:
+    """Read a multiplexed stream with MultiStream or AsyncMultiStream: (the events,
+    the exception raised or None, the stream); ``stop_after``: leave after that many events."""
+    events: list[Event] = []
+    if kind == "sync":
+        with MultiStream(base_url, **kwargs) as sync_stream:
+            try:
+                for event in sync_stream:
+                    events.append(event)
+                    if stop_after and len(events) >= stop_after:
+                        break
+            except Exception as exc:
+                return events, exc, sync_stream
+            return events, None, sync_stream
+
+    async def read() -> Any:
+        async with AsyncMultiStream(base_url, **kwargs) as async_stream:
+            try:
+                async for event in async_stream:
+                    events.append(event)
+                    if stop_after and len(events) >= stop_after:
+                        break
+            except Exception as exc:
+                return exc, async_stream
+            return None, async_stream
+
+    problem, read_stream = asyncio.run(read())
+    return events, problem, read_stream
+
+
+def mux_event(event_type: str, model: str, task_id: int, seq: int, **data: Any) -> bytes:
+    return sse(event_type, seq, {**data, "_task_id": task_id, "_model": model, "_timestamp": "t"})
+
+
+def query(request) -> list[tuple[str, str]]:
+    return parse_qsl(urlsplit(request.path).query)
+
+
+class MultiStreamTests(ClientCase):
+    def test_a_cursor_per_task_and_ended_tasks_are_left_out_of_the_reconnect(self):
+        for kind in self.each_kind():
+            with (
+                ScriptedServer(
+                    stream(
+                        mux_event("step", "ScriptedTask", 1, 1),
+                        mux_event("step", "ScriptedTask", 2, 7),
+                        mux_event("complete", "ScriptedTask", 1, 2, value=1),
+                        mux_event("step", "ScriptedTask", 3, 4),
+                    ),  # then drops
+                    stream(
+                        mux_event("step", "ScriptedTask", 2, 7),  # sent again: not handed out twice
+                        mux_event("complete", "ScriptedTask", 2, 8),
+                        mux_event("error", "ScriptedTask", 3, 5, type="E", message="m"),
+                        mux_event("step", "ScriptedTask", 9, 1),  # after every task ended: never read
+                    ),
+                ) as server,
+                instant_sleeps() as waits,
+            ):
+                events, problem, read = read_many(
+                    kind, server.base_url, tasks=["ScriptedTask/1", ("ScriptedTask", 2), "ScriptedTask/3@3"]
+                )
+            self.assertIsNone(problem)
+            self.assertEqual(
+                [(e.task, e.id) for e in events],
+                [(("ScriptedTask", "1"), "1"), (("ScriptedTask", "2"), "7"), (("ScriptedTask", "1"), "2"),
+                 (("ScriptedTask", "3"), "4"), (("ScriptedTask", "2"), "8"), (("ScriptedTask", "3"), "5")],
+            )  # fmt: skip
+            first, second = server.requests
+            self.assertEqual(urlsplit(first.path).path, "/stream/")
+            self.assertEqual(
+                query(first),
+                [("task", "ScriptedTask/1"), ("task", "ScriptedTask/2"), ("task", "ScriptedTask/3@3")],
+            )
+            self.assertEqual(query(second), [("task", "ScriptedTask/2@7"), ("task", "ScriptedTask/3@4")])
+            self.assertNotIn("last-event-id", second.headers)
+            self.assertEqual(len(waits), 1)
+            self.assertTrue(read.ended)
+            self.assertEqual({key: e.type for key, e in read.terminals.items()},
+                             {("ScriptedTask", "1"): "complete", ("ScriptedTask", "2"): "complete",
+                              ("ScriptedTask", "3"): "error"})  # fmt: skip
+            self.assertEqual(read.cursors[("ScriptedTask", "3")], 5)
+
+    def test_a_feeds_tasks_join_the_reconnect_named_as_the_feed_names_them(self):
+        for kind in self.each_kind():
+            with (
+                ScriptedServer(
+                    stream(
+                        mux_event("step", "ExportTask", 5, 3),
+                        mux_event("step", "ExportTask", 6, 1),
+                        mux_event("complete", "ExportTask", 6, 2),
+                    ),
+                    stream(b": keep-alive\n\n", mux_event("complete", "ExportTask", 5, 4)),
+                ) as server,
+                instant_sleeps(),
+            ):
+                events, problem, read = read_many(
+                    kind, server.base_url, feeds=["shop/ExportTask"], history=True, stop_after=4
+                )
+            self.assertIsNone(problem)
+            self.assertEqual([e.id for e in events], ["3", "1", "2", "4"])
+            self.assertFalse(read.ended, "a feed does not end by itself")
+            self.assertEqual(query(server.requests[0]), [("feed", "shop/ExportTask"), ("history", "all")])
+            self.assertEqual(
+                query(server.requests[1]),
+                [("task", "shop/ExportTask/5@3"), ("feed", "shop/ExportTask"), ("history", "all")],
+            )
+
+    def test_an_app_label_names_the_task_in_the_request_only(self):
+        for kind in self.each_kind():
+            with (
+                ScriptedServer(
+                    stream(mux_event("step", "ScriptedTask", 1, 1)),
+                    stream(mux_event("complete", "ScriptedTask", 1, 2)),
+                ) as server,
+                instant_sleeps(),
+            ):
+                events, problem, _ = read_many(kind, server.base_url, tasks=["testapp/ScriptedTask/1"])
+            self.assertIsNone(problem)
+            self.assertEqual([e.id for e in events], ["1", "2"])
+            self.assertEqual(query(server.requests[1]), [("task", "testapp/ScriptedTask/1@1")])
+
+    def test_204_ends_it(self):
+        for kind in self.each_kind():
+            with ScriptedServer(reply(204)) as server:
+                events, problem, read = read_many(kind, server.base_url, tasks=["ScriptedTask/1@9"])
+            self.assertEqual((events, problem, read.ended, len(server.requests)), ([], None, True, 1))
+
+    def test_refusals_are_final_and_access_expired_says_so(self):
+        for kind in self.each_kind():
+            with ScriptedServer(reply(403, "Not allowed to watch PrivateTask 2\n")) as server:
+                _, problem, _ = read_many(
+                    kind, server.base_url, tasks=["PrivateTask/1", "PrivateTask/2"], token="t"
+                )
+            self.assertIsInstance(problem, StreamHTTPError)
+            self.assertEqual(str(problem), "HTTP 403: Not allowed to watch PrivateTask 2")
+            self.assertEqual(len(server.requests), 1)
+            self.assertEqual(server.requests[0].headers["authorization"], "Bearer t")
+            expired = sse("access_expired", None, {"message": "Stream token expired"})
+            with ScriptedServer(stream(mux_event("step", "PrivateTask", 1, 1), expired)) as server:
+                events, problem, read = read_many(kind, server.base_url, tasks=["PrivateTask/1"], token="t")
+            self.assertEqual(len(events), 1)
+            self.assertIsInstance(problem, AccessExpired)
+            self.assertEqual(read.cursors, {("PrivateTask", "1"): 1})
+
+    def test_malformed_task_names_are_refused_before_any_request(self):
+        for bad in ("ScriptedTask", "ScriptedTask/1@x", "/1"):
+            with self.subTest(bad), self.assertRaisesRegex(ValueError, "is not a task"):
+                MultiStream("http://127.0.0.1:1", [bad])

@@ -14,10 +14,13 @@ from django.db import connection
 from django.test import TransactionTestCase
 
 from demo.models import ContinueTask, ExampleTask
+from streaming.access import stream_token
 from streaming.client import (
     AccessExpired,
+    AsyncMultiStream,
     AsyncTaskStream,
     Event,
+    MultiStream,
     StreamHTTPError,
     TaskCancelled,
     TaskFailed,
@@ -179,6 +182,110 @@ class TaskStreamTests(ServerTestCase):
             self.assertEqual(int_ids(events + more), [e.seq for e in self.logged(task)])
 
 
+def read_many(
+    kind: str, base_url: str, *, on_event: Callable[[Event], bool | None] | None = None, **kwargs: Any
+) -> tuple[list[Event], Any, Any]:
+    """Read a multiplexed stream with MultiStream or AsyncMultiStream: (the events,
+    the exception raised or None, the stream). ``on_event`` runs (blocking) after
+    each event; True leaves the stream."""
+    events: list[Event] = []
+    if kind == "sync":
+        with MultiStream(base_url, **kwargs) as sync_stream:
+            try:
+                for event in sync_stream:
+                    events.append(event)
+                    if on_event and on_event(event):
+                        break
+            except Exception as exc:
+                return events, exc, sync_stream
+            return events, None, sync_stream
+
+    async def read() -> Any:
+        async with AsyncMultiStream(base_url, **kwargs) as async_stream:
+            try:
+                async for event in async_stream:
+                    events.append(event)
+                    if on_event and on_event(event):
+                        break
+            except Exception as exc:
+                return exc, async_stream
+            return None, async_stream
+
+    problem, read_stream = asyncio.run(read())
+    return events, problem, read_stream
+
+
+def logged_ids(task) -> list[int]:
+    rows = TaskEvent.objects.filter(task_type=task._meta.label_lower, task_id=str(task.pk)).order_by("seq")
+    return [row.seq for row in rows]
+
+
+def ids_of(events: list[Event], task) -> list[int]:
+    return [int(e.id) for e in events if e.task == (type(task).stream_name(), str(task.pk))]
+
+
+class MultiStreamTests(ServerTestCase):
+    def test_several_tasks_on_one_connection_each_complete(self):
+        for kind in KINDS:
+            with self.subTest(kind):
+                first = ScriptedTask.objects.create(steps=4, delay=0.02, result=1)
+                second = ScriptedTask.objects.create(steps=6, delay=0.01)
+                events, problem, read = read_many(
+                    kind,
+                    self.server.url,
+                    tasks=[f"ScriptedTask/{first.pk}", ("testapp/ScriptedTask", second.pk)],
+                    history=True,
+                )
+                self.assertIsNone(problem)
+                self.assertTrue(read.ended)
+                for task in (first, second):
+                    self.assertEqual(ids_of(events, task), logged_ids(task))
+                    self.assertEqual(read.terminals[("ScriptedTask", str(task.pk))].type, "complete")
+
+    def test_a_feed_brings_running_and_later_tasks(self):
+        for kind in KINDS:
+            with self.subTest(kind):
+                running = ScriptedTask.objects.create(steps=400, delay=0.05)
+                self.wait_logged(running, 2)
+                later: list[ScriptedTask] = []
+
+                def follow(event: Event, running=running, later=later) -> bool:
+                    if not later:  # the feed is open: the running task came
+                        in_thread(lambda: later.append(ScriptedTask.objects.create(steps=3, delay=0.01)))
+                    return bool(later) and event.task == ("ScriptedTask", str(later[0].pk)) and event.terminal
+
+                events, problem, read = read_many(
+                    kind, self.server.url, feeds=["ScriptedTask"], on_event=follow
+                )
+                in_thread(lambda running=running: running.cancel())
+                self.assertIsNone(problem)
+                self.assertFalse(read.ended)
+                self.assertEqual(ids_of(events, later[0]), [1, 2, 3, 4])  # from its run's first event
+                self.assertGreaterEqual(ids_of(events, running)[0], 2)  # a running task joins at its latest
+
+    def test_a_token_names_several_protected_tasks(self):
+        first = PrivateTask.objects.create(steps=2)
+        second = PrivateTask.objects.create(steps=1)
+        names = [f"PrivateTask/{first.pk}", f"PrivateTask/{second.pk}"]
+        for kind in self.each_kind():
+            _, problem, _ = read_many(kind, self.server.url, tasks=names, token=stream_token([first]))
+            self.assertIsInstance(problem, StreamHTTPError)
+            self.assertEqual(problem.status_code, 403)
+            events, problem, read = read_many(
+                kind, self.server.url, tasks=names, token=stream_token([first, second]), history=True
+            )
+            self.assertIsNone(problem)
+            self.assertEqual(len(read.terminals), 2)
+            self.assertEqual(
+                (ids_of(events, first), ids_of(events, second)), (logged_ids(first), logged_ids(second))
+            )
+
+    def each_kind(self):
+        for kind in KINDS:
+            with self.subTest(kind):
+                yield kind
+
+
 class RestartTests(TransactionTestCase):
     def test_resumes_across_a_server_restart_without_loss_or_repetition(self):
         for kind in KINDS:
@@ -223,6 +330,35 @@ class RestartTests(TransactionTestCase):
         self.assertEqual(len(waits), 1, waits)
         self.assertTrue(1.0 <= waits[0] <= 1.5, f"the server's retry: 1000, jittered: {waits}")
         server.stop()
+
+    def test_a_multiplexed_stream_resumes_each_task_across_a_restart(self):
+        for kind in KINDS:
+            with self.subTest(kind):
+                server = ServerProcess().start()
+                self.addCleanup(server.stop)
+                tasks = [ScriptedTask.objects.create(steps=30, delay=0.05) for _ in range(3)]
+                restarted: list[bool] = []
+
+                def restart(event: Event, server=server, restarted=restarted) -> None:
+                    if not restarted and event.id is not None and int(event.id) >= 3:
+                        restarted.append(True)
+                        server.stop()
+                        server.start()
+
+                names = [f"ScriptedTask/{task.pk}" for task in tasks]
+                events, problem, read = read_many(
+                    kind, server.url, tasks=names, history=True, on_event=restart
+                )
+                self.assertIsNone(problem)
+                self.assertTrue(restarted)
+                self.assertTrue(read.ended)
+                for task in tasks:
+                    got = ids_of(events, task)
+                    self.assertEqual(got, logged_ids(task), "every event of each task once, in order")
+                    self.assertIn(
+                        "retry", [e.type for e in events if e.task == ("ScriptedTask", str(task.pk))]
+                    )
+                server.stop()
 
 
 class StreamClientOptionTests(ServerTestCase):
