@@ -67,6 +67,7 @@ class _Reader:
         """The events from where the stream stands to its end."""
         client = self._http()
         state = self.state
+        self.reconnects.failures = 0  # iterating again (after giving up, say) starts a new count
         while not state.ended:
             try:
                 async with aconnect_sse(

@@ -24,6 +24,7 @@ DEFAULT_RETRY = 0.5  # seconds before the first reconnect, until the server's ``
 DEFAULT_MAX_DELAY = 30.0  # the longest wait between two reconnects
 MAX_RETRY_AFTER = 60.0  # the longest a 503's Retry-After is obeyed for
 JITTER = 0.5  # each wait is spread over [delay, delay * (1 + JITTER)]
+MAX_TASKS = 100  # task= per multiplexed stream request (the server's limit)
 # Client errors that asking again will not change (408 and 429 are worth a retry).
 FINAL_STATUSES = frozenset(range(400, 500)) - {408, 429}
 
@@ -425,6 +426,8 @@ class MuxState:
         self.tasks: dict[tuple[str, str], TrackedTask] = {}
         for task in tasks:
             self.tasks.setdefault(task.key, task)
+        if len(self.tasks) > MAX_TASKS:
+            raise ValueError(f"at most {MAX_TASKS} tasks per multiplexed stream, not {len(self.tasks)}")
         self.feeds = [feed.strip("/") for feed in feeds]
         self.reconnects = reconnects
         self.history = history
@@ -440,7 +443,11 @@ class MuxState:
         return request_headers(None, token, extra)  # Last-Event-ID means nothing here
 
     def params(self) -> list[tuple[str, str]]:
-        params = [("task", task.target()) for task in self.tasks.values() if not task.ended]
+        # The tasks named first, then those a feed brought in, up to the
+        # server's limit; a feed's running task left out rejoins through the
+        # feed (from its latest event).
+        unfinished = [task for task in self.tasks.values() if not task.ended][:MAX_TASKS]
+        params = [("task", task.target()) for task in unfinished]
         params += [("feed", feed) for feed in self.feeds]
         if self.history:
             params.append(("history", "all"))

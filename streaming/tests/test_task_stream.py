@@ -8,6 +8,7 @@ sockets (scripted_http.py); the rest from a real runserver_stream subprocess
 
 import asyncio
 import contextlib
+import json
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from unittest import mock
 from urllib.parse import parse_qsl, urlsplit
 
 from django.test import SimpleTestCase
+from httpx_sse import ServerSentEvent
 
 from streaming.client import (
     AccessExpired,
@@ -265,6 +267,20 @@ class WaitTests(ClientCase):
             self.assertIsInstance(outcome, StreamGaveUp)
             self.assertIn("3 reconnects failed (last: ConnectError", str(outcome))
             self.assertEqual(len(waits), 3)
+
+
+class GiveUpTests(ClientCase):
+    def test_iterating_again_after_giving_up_starts_a_new_count(self):
+        busy = reply(503, "busy\n", headers="retry-after: 1\r\n")
+        with (
+            ScriptedServer(busy, busy, stream(sse("complete", 1, {"v": 2}))) as server,
+            instant_sleeps(),
+            TaskStream(server.url(), max_reconnects=1) as task_stream,
+        ):
+            with self.assertRaises(StreamGaveUp):
+                list(task_stream)
+            self.assertEqual(len(server.requests), 2)
+            self.assertEqual(task_stream.result(), {"v": 2})
 
 
 class FinalAnswerTests(ClientCase):
@@ -583,6 +599,21 @@ class MultiStreamTests(ClientCase):
             self.assertEqual(len(events), 1)
             self.assertIsInstance(problem, AccessExpired)
             self.assertEqual(read.cursors, {("PrivateTask", "1"): 1})
+
+    def test_at_most_a_hundred_tasks_are_named_in_a_request(self):
+        with self.assertRaisesRegex(ValueError, "at most 100 tasks per multiplexed stream, not 101"):
+            MultiStream("http://127.0.0.1:1", [f"ScriptedTask/{n}" for n in range(101)])
+        # A feed that brought in more: the first hundred are named, the rest rejoin through the feed.
+        state = MultiStream("http://127.0.0.1:1", ["ScriptedTask/0"], feeds=["ScriptedTask"]).state
+        for n in range(1, 150):
+            state.receive(
+                ServerSentEvent("step", json.dumps({"_model": "ScriptedTask", "_task_id": n}), str(n))
+            )
+        params = state.params()
+        self.assertEqual(params[0], ("task", "ScriptedTask/0"))
+        self.assertEqual(params[1], ("task", "ScriptedTask/1@1"))
+        self.assertEqual(len([p for p in params if p[0] == "task"]), 100)
+        self.assertEqual(params[-1], ("feed", "ScriptedTask"))
 
     def test_malformed_task_names_are_refused_before_any_request(self):
         for bad in ("ScriptedTask", "ScriptedTask/1@x", "/1"):
