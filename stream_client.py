@@ -51,26 +51,29 @@ class ProgressBar:
 
     def __init__(self, tqdm: Any) -> None:
         self.tqdm = tqdm
-        self.bar: Any = None  # drawn at the first event, so nothing shows before the stream opens
+        self.bar: Any = None
 
     def update(self, event: Event) -> None:
-        if self.bar is None:
-            self.bar = self.tqdm(total=None, file=sys.stdout, unit="step", dynamic_ncols=True)
         data = event.data if isinstance(event.data, dict) else {}
         total = data.get("total_steps", data.get("total"))
         step = data.get("step")
         fraction = data.get("progress")
         if _number(fraction) and not _number(step):
             total, step = 100, round(min(max(fraction, 0.0), 1.0) * 100)
+        message = data.get("message")
+        if event.type == "error" and data.get("type"):
+            message = f"{data['type']}: {message}"
+        if self.bar is None:  # drawn at the first event, so nothing shows before the stream opens
+            desc = None if message is None else str(message)
+            self.bar = self.tqdm(
+                total=total if _number(total) else None, desc=desc, file=sys.stdout, unit="step"
+            )
         if _number(total) and total != self.bar.total:
             self.bar.total = total
         if _number(step):
             self.bar.n = step
         elif event.type == "complete" and self.bar.total:
             self.bar.n = self.bar.total  # done, even when the steps came before we connected
-        message = data.get("message")
-        if event.type == "error" and data.get("type"):
-            message = f"{data['type']}: {message}"
         if message is not None:
             self.bar.set_description_str(str(message), refresh=False)
         self.bar.refresh()

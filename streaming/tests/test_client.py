@@ -338,3 +338,57 @@ class StreamClientKeepAliveTests(TransactionTestCase):
         self.assertNotIn("MESSAGE", out)
         self.assertGreaterEqual(counter.keepalives_after_first_event, 3)
         self.assertEqual(counter.events, 3)  # the raw reader saw the same stream end
+
+
+class ProgressBarTests(SimpleTestCase):
+    """stream_client.py --progress: what the bar shows for each kind of event."""
+
+    def frames(self, *events: Event) -> list[str]:
+        import io
+        from contextlib import redirect_stdout
+
+        from tqdm import tqdm
+
+        import stream_client
+
+        out = io.StringIO()
+        with redirect_stdout(out):
+            bar = stream_client.ProgressBar(tqdm)
+            for event in events:
+                bar.update(event)
+            bar.close()
+        return [frame for frame in re.split(r"[\r\n]", out.getvalue()) if frame.strip()]
+
+    def assertShown(self, frames: list[str], *patterns: str) -> None:
+        """Each pattern matches a frame, in this order, and the last one the final frame too."""
+        position = 0
+        for pattern in patterns:
+            found = next((i for i in range(position, len(frames)) if re.search(pattern, frames[i])), None)
+            self.assertIsNotNone(found, f"{pattern!r} in {frames[position:]}")
+            position = found
+        self.assertRegex(frames[-1], patterns[-1])  # the bar as it is left
+
+    def test_step_and_total_steps_or_total(self):
+        frames = self.frames(
+            Event("start", "1", {"message": "Go", "total_steps": 4}),
+            Event("progress", "2", {"step": 1, "total_steps": 4, "message": "Step 1 of 4"}),
+            Event("progress", "3", {"step": 3, "total": 4, "message": "Step 3 of 4"}),
+        )
+        self.assertShown(
+            frames, r"^Go:\s+0%.* 0/4 ", r"^Step 1 of 4:\s+25%.* 1/4 ", r"^Step 3 of 4:\s+75%.* 3/4 "
+        )
+
+    def test_a_fraction_and_complete_fills_the_bar(self):
+        frames = self.frames(
+            Event("progress", "1", {"progress": 0.25}),
+            Event("progress", "2", {"progress": 1.7}),  # clamped
+            Event("complete", "3", {"message": "Done"}),
+        )
+        self.assertShown(frames, r"^\s*25%.* 25/100 ", r"^Done: 100%.* 100/100 ")
+
+    def test_an_error_shows_its_type_and_message(self):
+        frames = self.frames(
+            Event("progress", "1", {"step": 1, "total_steps": 3}),
+            Event("error", "2", {"type": "ValueError", "message": "bad row"}),
+        )
+        self.assertShown(frames, r"^\s*33%.* 1/3 ", r"^ValueError: bad row:\s+33%.* 1/3 ")
