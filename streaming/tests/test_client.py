@@ -378,13 +378,19 @@ class ProgressBarTests(SimpleTestCase):
             frames, r"^Go:\s+0%.* 0/4 ", r"^Step 1 of 4:\s+25%.* 1/4 ", r"^Step 3 of 4:\s+75%.* 3/4 "
         )
 
-    def test_a_fraction_and_complete_fills_the_bar(self):
+    def test_a_fraction_from_0_to_1(self):
         frames = self.frames(
             Event("progress", "1", {"progress": 0.25}),
             Event("progress", "2", {"progress": 1.7}),  # clamped
-            Event("complete", "3", {"message": "Done"}),
         )
-        self.assertShown(frames, r"^\s*25%.* 25/100 ", r"^Done: 100%.* 100/100 ")
+        self.assertShown(frames, r"^\s*25%.* 25/100 ", r"^\s*100%.* 100/100 ")
+
+    def test_complete_fills_the_bar_when_the_steps_came_before_the_client(self):
+        # A client that connects after the last step gets the latest event first: complete.
+        frames = self.frames(
+            Event("complete", "5", {"message": "Task completed successfully", "total_steps": 3})
+        )
+        self.assertShown(frames, r"^Task completed successfully: 100%.* 3/3 ")
 
     def test_an_error_shows_its_type_and_message(self):
         frames = self.frames(
