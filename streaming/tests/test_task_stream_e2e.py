@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 from unittest import mock
 
+import httpx
 from django.db import connection
 from django.test import TransactionTestCase
 
@@ -31,6 +32,7 @@ from streaming.tests.testapp.models import FragileTask, PrivateTask, ScriptedTas
 
 from .servercase import ServerTestCase
 from .support import REPO, ServerProcess, subprocess_env
+from .tcpproxy import TcpProxy
 
 KINDS = ("sync", "async")
 RULE = "=" * 60
@@ -284,6 +286,85 @@ class MultiStreamTests(ServerTestCase):
         for kind in KINDS:
             with self.subTest(kind):
                 yield kind
+
+
+class DropTests(ServerTestCase):
+    """A real server behind a TCP proxy that cuts or stalls the connections."""
+
+    def proxy(self) -> TcpProxy:
+        proxy = TcpProxy("127.0.0.1", self.server.port).start()
+        self.addCleanup(proxy.stop)
+        return proxy
+
+    def test_connections_cut_mid_stream_resume_without_loss_or_repetition(self):
+        for kind in KINDS:
+            with self.subTest(kind):
+                proxy = self.proxy()
+                # A dict: the complete event settles the value, no status request.
+                task = ScriptedTask.objects.create(steps=40, delay=0.03, result={"ok": 1})
+
+                def cut(event: Event, proxy=proxy) -> None:
+                    if event.id in ("5", "15", "25"):
+                        proxy.reset()
+
+                events, outcome = drive(
+                    kind, f"http://127.0.0.1:{proxy.port}{task.get_stream_path()}", last_event_id=0,
+                    retry=0.05, on_event=cut,
+                )  # fmt: skip
+                self.assertEqual(outcome, {"ok": 1})
+                self.assertEqual(int_ids(events), logged_ids(task))
+                self.assertEqual(proxy.connections, 4)  # three cuts, three reconnects
+
+    def test_a_multiplexed_stream_cut_mid_stream_resumes_each_task(self):
+        for kind in KINDS:
+            with self.subTest(kind):
+                proxy = self.proxy()
+                tasks = [ScriptedTask.objects.create(steps=20, delay=0.03) for _ in range(3)]
+                seen: list[Event] = []
+
+                def cut(event: Event, proxy=proxy, seen=seen) -> None:
+                    seen.append(event)
+                    if len(seen) in (7, 20, 33):
+                        proxy.reset()
+
+                names = [f"ScriptedTask/{task.pk}" for task in tasks]
+                events, problem, read = read_many(
+                    kind,
+                    f"http://127.0.0.1:{proxy.port}",
+                    tasks=names,
+                    history=True,
+                    retry=0.05,
+                    on_event=cut,
+                )
+                self.assertIsNone(problem)
+                self.assertTrue(read.ended)
+                for task in tasks:
+                    self.assertEqual(ids_of(events, task), logged_ids(task))
+                self.assertEqual(proxy.connections, 4)
+
+    def test_a_read_timeout_turns_a_silent_connection_into_a_reconnect(self):
+        # A stalled network (a NAT that forgot the connection) sends nothing,
+        # not even keep-alives: with a read timeout the client tries again
+        # until the network heals.
+        for kind in KINDS:
+            with self.subTest(kind):
+                proxy = self.proxy()
+                task = ScriptedTask.objects.create(steps=30, delay=0.05)
+                healer = threading.Timer(2.5, proxy.heal)
+                self.addCleanup(healer.cancel)
+
+                def stall(event: Event, proxy=proxy, healer=healer) -> None:
+                    if event.id == "3":
+                        proxy.stall()
+                        healer.start()
+
+                events, outcome = drive(
+                    kind, f"http://127.0.0.1:{proxy.port}{task.get_stream_path()}", last_event_id=0,
+                    retry=0.05, timeout=httpx.Timeout(5.0, read=0.5), on_event=stall,
+                )  # fmt: skip
+                self.assertIsNone(outcome)
+                self.assertEqual(int_ids(events), logged_ids(task))
+                self.assertGreater(proxy.connections, 1)
 
 
 class RestartTests(TransactionTestCase):
