@@ -23,6 +23,7 @@ RUNNER_KEYS = ("_task_id", "_model", "_timestamp")
 DEFAULT_RETRY = 0.5  # seconds before the first reconnect, until the server's ``retry:`` says otherwise
 DEFAULT_MAX_DELAY = 30.0  # the longest wait between two reconnects
 MAX_RETRY_AFTER = 60.0  # the longest a 503's Retry-After is obeyed for
+MAX_MESSAGE = 300  # characters of an error answer's first line kept in the exception
 JITTER = 0.5  # each wait is spread over [delay, delay * (1 + JITTER)]
 MAX_TASKS = 100  # task= per multiplexed stream request (the server's limit)
 # Client errors that asking again will not change (408 and 429 are worth a retry).
@@ -239,7 +240,8 @@ class Reconnects:
     def refused(self, status_code: int, headers: Mapping[str, str], text: str) -> float:
         """The wait before asking again after an answer other than 200/204;
         raises ``StreamHTTPError`` for an answer that asking again will not change."""
-        message = text.strip().splitlines()[0] if text.strip() else ""
+        # The server's answers are one line; a proxy's error page is cut short.
+        message = text.strip().splitlines()[0][:MAX_MESSAGE] if text.strip() else ""
         if status_code in FINAL_STATUSES or status_code < 400:
             raise StreamHTTPError(status_code, message or f"unexpected answer to {self.url}")
         self.last_problem = f"HTTP {status_code}" + (f": {message}" if message else "")

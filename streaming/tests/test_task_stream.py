@@ -297,6 +297,12 @@ class FinalAnswerTests(ClientCase):
                     self.assertEqual(str(outcome), f"HTTP {status}: {message}")
                     self.assertEqual((len(server.requests), waits), (1, []))  # asked once, no retry
 
+    def test_a_long_error_page_is_cut_to_its_first_line_short(self):
+        page = "<html><body>" + "x" * 5000 + "</body></html>\n<p>more</p>\n"
+        with ScriptedServer(reply(404, page, content_type="text/html")) as server:
+            _, outcome = drive("sync", server.url())
+        self.assertEqual(outcome.message, page[:300])
+
     def test_a_refused_first_connection_raises_at_once(self):
         for kind in self.each_kind():
             with instant_sleeps() as waits:
