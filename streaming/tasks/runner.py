@@ -174,7 +174,7 @@ class Runner:
             return
         began = time.monotonic()  # the lease runs from before the claim was sent
         claims = await sync_to_async(store.claim_pending)(
-            stream_models(), free, self.owner, self.settings.LEASE_SECONDS
+            stream_models(), free, self.owner, self.settings.LEASE_SECONDS, self.settings
         )
         for claim in claims:
             run = TaskRun(self, claim)
@@ -273,7 +273,7 @@ class Runner:
                         {
                             "message": "Running again after an interruption",
                             "attempt": instance.attempts,
-                            "max_attempts": run.model.max_attempts,
+                            "max_attempts": instance.max_attempts,
                         },
                     )
                 result = await instance.process()
@@ -319,12 +319,20 @@ class Runner:
                 if current is not None:  # always: _execute() runs as a task
                     current.uncancel()
                 await finishing
+            if finishing.result():
+                await self._ended(run, status)
         except Exception:
             logger.exception("Ending task %s failed; its lease will expire", run.key)
         finally:
             run.release()
             self.runs.pop(run.key, None)
             self.hub.run_stopped(run.key)
+
+    async def _ended(self, run: TaskRun, status: str) -> None:
+        try:
+            await run.instance.on_end(status)
+        except Exception:
+            logger.exception("%s.on_end() failed", run.model.__name__)
 
     async def _end_durably(
         self,
@@ -334,8 +342,8 @@ class Runner:
         data: dict[str, Any],
         final_value: Any,
         error_text: str,
-    ) -> None:
-        """run.end(), again and again while the database fails.
+    ) -> bool:
+        """run.end(), again and again while the database fails; False: the lease was lost.
 
         The run stays in self.runs meanwhile, so its lease is renewed and no
         other runner takes the task up; only a stopping server gives up
@@ -344,8 +352,7 @@ class Runner:
         delay = 0.5
         while True:
             try:
-                await run.end(status, event_type, data, final_value=final_value, error=error_text)
-                return
+                return await run.end(status, event_type, data, final_value=final_value, error=error_text)
             except Exception:
                 if self._stopping:
                     raise
@@ -356,7 +363,7 @@ class Runner:
     async def _interrupted(self, run: TaskRun) -> None:
         """The server is stopping under this task: retry it later or fail it."""
         await self.eventlog.flush()
-        if run.model.recovery == Recovery.RETRY and run.instance.attempts < run.model.max_attempts:
+        if run.instance.recovery == Recovery.RETRY and run.instance.attempts < run.instance.max_attempts:
             await sync_to_async(store.finish)(run.model, run.pk, self.owner, Status.PENDING, None)
             logger.info("Handed %s back; another runner (or the next start) takes it up", run.key)
             await self.transport.wake()
