@@ -147,6 +147,12 @@ LOGGING = {
         "streaming": {
             "handlers": ["console"],
             "level": "CRITICAL" if sys.argv[1:2] == ["test"] else "INFO",
-        }
+        },
+        # The tasks framework logs each task's end (the backport logs a failed
+        # one with logger.exception): quiet under `manage.py test` too.
+        **{
+            name: {"handlers": ["console"], "level": "CRITICAL" if sys.argv[1:2] == ["test"] else "INFO"}
+            for name in ("django.tasks", "django_tasks")
+        },
     },
 }

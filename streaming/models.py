@@ -360,8 +360,11 @@ class EnqueuedTask(StreamTask):
     @classmethod
     def claimable(cls, pending: QuerySet[Self], settings: "StreamingSettings") -> QuerySet[Self]:
         """Due rows (``run_after`` passed) of the queues this runner serves
-        (``STREAMING["TASK_QUEUES"]``, all when empty), highest priority first, then oldest."""
-        due = pending.filter(Q(run_after__isnull=True) | Q(run_after__lte=timezone.now()))
+        (``STREAMING["TASK_QUEUES"]``, all when empty), highest priority first, then oldest;
+        a cancelled one at once, due or not (the runner ends it without running it)."""
+        due = pending.filter(
+            Q(run_after__isnull=True) | Q(run_after__lte=timezone.now()) | Q(cancel_requested=True)
+        )
         if settings.TASK_QUEUES:
             due = due.filter(queue_name__in=settings.TASK_QUEUES)
         return due.order_by("-priority", "pk")

@@ -207,12 +207,14 @@ class InstallTests(SimpleTestCase):
         for required in (
             "streaming/__init__.py",
             "streaming/migrations/0001_initial.py",
+            "streaming/migrations/0002_enqueuedtask.py",  # the tasks backend's table
+            "streaming/taskbackend/backend.py",
             "streaming/py.typed",
             "streaming/static/streaming/admin-tail.js",  # the admin's live tail
         ):
             self.assertIn(required, names, context)
         self.assertIn(f"Version: {streaming.__version__}\n", metadata)
-        for extra in ("client", "postgres", "redis"):
+        for extra in ("client", "postgres", "redis", "tasks"):
             self.assertIn(f"Provides-Extra: {extra}\n", metadata)
 
     def test_a_new_project_on_django_5_2(self):
@@ -316,6 +318,7 @@ class InstallTests(SimpleTestCase):
         self.assertTrue((self.project / "reports" / "migrations" / "0001_initial.py").exists())
         migrated = self.manage("migrate").stdout
         self.assertIn("Applying streaming.0001_initial... OK", migrated)
+        self.assertIn("Applying streaming.0002_enqueuedtask... OK", migrated)
         self.assertIn("Applying reports.0001_initial... OK", migrated)
 
         # The library comes from the wheel, alone.
