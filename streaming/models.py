@@ -336,7 +336,9 @@ class EnqueuedTask(StreamTask):
     run_after = models.DateTimeField(null=True, blank=True)  # not claimed before this
     takes_context = models.BooleanField(default=False)
     # Per row, read by crash recovery in place of the class-level options of StreamTask.
-    recovery = models.CharField(max_length=8, choices=Recovery.choices, default=Recovery.FAIL)
+    recovery = models.CharField(  # type: ignore[assignment]  # a field where StreamTask has a class option
+        max_length=8, choices=Recovery.choices, default=Recovery.FAIL
+    )
     max_attempts = models.PositiveSmallIntegerField(default=3)
     first_started_at = models.DateTimeField(null=True, blank=True)
     worker_ids = models.JSONField(default=list, blank=True)  # the lease owner of each attempt

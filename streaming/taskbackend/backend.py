@@ -7,7 +7,6 @@ server (and ``manage.py runtasks`` worker) claim it like any task: once,
 under a lease, recovered by its policy when its server dies, cancellable.
 """
 
-from collections.abc import Iterable
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -84,14 +83,17 @@ class StreamingTaskBackend(BaseTaskBackend):
     async def aget_result(self, result_id: str) -> StreamingTaskResult:
         return await sync_to_async(self.get_result)(result_id)
 
-    def check(self, **kwargs: Any) -> Iterable[checks.CheckMessage]:
+    def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
         from django.apps import apps
 
-        if not apps.is_installed("streaming"):
-            yield checks.Error(
+        if apps.is_installed("streaming"):
+            return []
+        return [
+            checks.Error(
                 f"TASKS[{self.alias!r}] uses StreamingTaskBackend, but 'streaming' is not in INSTALLED_APPS",
                 id="streaming.E001",
             )
+        ]
 
     # -- ours: cancel, streams ---------------------------------------------------
 

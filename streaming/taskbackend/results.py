@@ -40,7 +40,7 @@ class StreamingTask(Task):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class StreamingTaskResult(TaskResult):
+class StreamingTaskResult(TaskResult):  # type: ignore[misc]  # the stubs' TaskResult is unfrozen; it is not
     """The framework's TaskResult, plus the stream and cancellation.
 
     ``stream_status`` is our own status (created, pending, running,
@@ -49,32 +49,35 @@ class StreamingTaskResult(TaskResult):
 
     stream_status: str = ""
 
+    def _backend(self) -> Any:  # our StreamingTaskBackend (backend.py imports this module)
+        return self.task.get_backend()
+
     @property
     def stream_path(self) -> str:
         """``/stream/EnqueuedTask/<id>``: opens only with a token, a user allowed to view it, or neither."""
-        return self.task.get_backend().stream_path(self.id)
+        return str(self._backend().stream_path(self.id))
 
     def stream_url(self, *, expires_in: float = 300) -> str:
         """The stream's path with a signed token valid for ``expires_in`` seconds,
         for a browser's ``new EventSource(url)``."""
-        return self.task.get_backend().stream_url(self.id, expires_in=expires_in)
+        return str(self._backend().stream_url(self.id, expires_in=expires_in))
 
     def cancel(self) -> str:
         """Ask for this task to be cancelled (see ``StreamingTaskBackend.cancel``); refreshes the result."""
-        status = self.task.get_backend().cancel(self.id)
+        status: str = self._backend().cancel(self.id)
         self.refresh()
         return status
 
     async def acancel(self) -> str:
-        status = await self.task.get_backend().acancel(self.id)
+        status: str = await self._backend().acancel(self.id)
         await self.arefresh()
         return status
 
     def refresh(self) -> None:
-        self._refresh_from(self.task.get_backend().get_result(self.id))
+        self._refresh_from(self._backend().get_result(self.id))
 
     async def arefresh(self) -> None:
-        self._refresh_from(await self.task.get_backend().aget_result(self.id))
+        self._refresh_from(await self._backend().aget_result(self.id))
 
     def _refresh_from(self, fresh: "StreamingTaskResult") -> None:
         for field in dataclasses.fields(self):
