@@ -34,7 +34,7 @@ from streaming.tasks.registry import stream_models
 
 from . import jobs
 from .servercase import ServerTestCase
-from .support import ServerProcess, manage, read_stream, serving, wait_for
+from .support import ServerProcess, eventually, manage, read_stream, serving, wait_for
 
 INTERRUPTED = "streaming.taskbackend.current.TaskInterrupted"
 CANCELLED = "streaming.taskbackend.current.TaskCancelled"
@@ -218,6 +218,10 @@ class InProcessTests(TransactionTestCase):
                 bad = await jobs.fail.aenqueue("no")
                 for result in (ok, bad):
                     await wait_async(result)
+                # task_finished follows the stored end (the test may see the row first)
+                await eventually(
+                    lambda: sum(name == "finished" for name, *_ in seen) == 2, message="finished"
+                )
                 return ok, bad
 
         ok, bad = async_to_sync(scenario)()
