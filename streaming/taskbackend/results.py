@@ -87,9 +87,12 @@ class StreamingTaskResult(TaskResult):  # type: ignore[misc]  # the stubs' TaskR
 
 def load_task(row: "EnqueuedTask") -> Task:
     """The ``@task`` object the row names, with the row's priority, queue, run_after and backend."""
-    found = import_string(row.task_path)
+    try:
+        found = import_string(row.task_path)
+    except ImportError as exc:
+        raise ValueError(f"Task {row.task_path!r} cannot be imported (moved or renamed?): {exc}") from None
     if not isinstance(found, Task):
-        raise TypeError(f"{row.task_path!r} is not a task (a function decorated with @task)")
+        raise ValueError(f"{row.task_path!r} is not a task (a function decorated with @task)")
     return dataclasses.replace(
         found, priority=row.priority, queue_name=row.queue_name, run_after=row.run_after, backend=row.backend
     )

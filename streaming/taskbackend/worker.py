@@ -14,10 +14,11 @@ from collections.abc import Callable
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any
 
+from asgiref.sync import sync_to_async
 from django.db import connections
 from django.utils import timezone
 
-from .compat import TaskContext, normalize_json, task_finished, task_started
+from .compat import Task, TaskContext, TaskResult, normalize_json, task_finished, task_started
 from .current import CurrentRun, _current
 from .results import load_task, to_result
 
@@ -29,19 +30,11 @@ RUNNING = "running"
 
 async def execute(row: "EnqueuedTask") -> Any:
     """One attempt: note its worker, send ``task_started``, call the function, return its value."""
-    model = type(row)
     owner = row.lease_owner
-    row.worker_ids = [*row.worker_ids, owner]
-    row.first_started_at = row.first_started_at or row.started_at or timezone.now()
-    await model.objects.filter(pk=row.pk, lease_owner=owner, status=RUNNING).aupdate(
-        worker_ids=row.worker_ids, first_started_at=row.first_started_at
-    )
     current = CurrentRun(row, asyncio.get_running_loop())
     token = _current.set(current)
     try:
-        task = load_task(row)
-        result = to_result(row, task)
-        await task_started.asend(sender=type(task.get_backend()), task_result=result)
+        task, result = await sync_to_async(_started)(row)  # one trip to the ORM thread, not three
         args = [TaskContext(task_result=result), *row.args] if row.takes_context else list(row.args)
         if iscoroutinefunction(task.func):
             value = await task.func(*args, **row.kwargs)
@@ -50,19 +43,32 @@ async def execute(row: "EnqueuedTask") -> Any:
         return normalize_json(value)
     except Exception as exc:
         path = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        trace = "".join(traceback.format_exception(exc))
         row.errors = [
             *row.errors,
-            {
-                "attempt": row.attempts,
-                "exception_class_path": path,
-                "traceback": "".join(traceback.format_exception(exc)),
-            },
+            {"attempt": row.attempts, "exception_class_path": path, "traceback": trace},
         ]
-        await model.objects.filter(pk=row.pk, lease_owner=owner, status=RUNNING).aupdate(errors=row.errors)
+        await (
+            type(row).objects.filter(pk=row.pk, lease_owner=owner, status=RUNNING).aupdate(errors=row.errors)
+        )
         raise
     finally:
         current.stopped.set()
         _current.reset(token)
+
+
+def _started(row: "EnqueuedTask") -> tuple[Task, TaskResult]:
+    """On the ORM thread: this attempt's worker id on the row, the task, ``task_started``.
+    A task that cannot be loaded (its module moved) raises here: the task fails with that error."""
+    row.worker_ids = [*row.worker_ids, row.lease_owner]
+    row.first_started_at = row.first_started_at or row.started_at or timezone.now()
+    type(row).objects.filter(pk=row.pk, lease_owner=row.lease_owner, status=RUNNING).update(
+        worker_ids=row.worker_ids, first_started_at=row.first_started_at
+    )
+    task = load_task(row)
+    result = to_result(row, task)
+    task_started.send(sender=type(task.get_backend()), task_result=result)
+    return task, result
 
 
 async def _in_thread(func: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -94,7 +100,11 @@ async def _in_thread(func: Callable[..., Any], args: list[Any], kwargs: dict[str
 
 
 async def ended(row: "EnqueuedTask") -> None:
-    """The run's end is written: send ``task_finished`` with the result as stored."""
-    fresh = await type(row).objects.aget(pk=row.pk)
+    """The run's end is written: ``task_finished``, with the result as stored."""
+    await sync_to_async(_finished)(row)
+
+
+def _finished(row: "EnqueuedTask") -> None:
+    fresh = type(row).objects.get(pk=row.pk)
     task = load_task(fresh)
-    await task_finished.asend(sender=type(task.get_backend()), task_result=to_result(fresh, task))
+    task_finished.send(sender=type(task.get_backend()), task_result=to_result(fresh, task))

@@ -316,6 +316,14 @@ class ServerTests(ServerTestCase):
         with self.assertRaises(ValueError):
             result.return_value  # noqa: B018
 
+    def test_a_task_that_cannot_be_imported_fails_with_its_reason(self):
+        row = EnqueuedTask.objects.create(task_path="streaming.tests.jobs.moved_away")
+        self.wait_status(row, "failed")
+        self.assertEqual([e["exception_class_path"] for e in row.errors], ["builtins.ValueError"])
+        self.assertIn("cannot be imported", row.errors[0]["traceback"])
+        with self.assertRaisesMessage(ValueError, "cannot be imported"):
+            default_task_backend.get_result(str(row.pk))
+
     def test_run_after_holds_the_task_until_then(self):
         after = timezone.now() + timedelta(seconds=1.5)
         result = jobs.stamp.using(run_after=after).enqueue("later")
