@@ -373,13 +373,19 @@ class EnqueuedTask(StreamTask):
 
     @classmethod
     def runs_here(cls) -> bool:
-        """Only in a project whose TASKS names a backend of ours: others pay no query for this table."""
+        """Only in a project whose TASKS names our backend (or a subclass): others
+        pay no query for this table."""
         from django.conf import settings
+        from django.utils.module_loading import import_string
 
-        tasks = getattr(settings, "TASKS", None) or {}
-        return any(
-            str(params.get("BACKEND", "")).startswith("streaming.taskbackend") for params in tasks.values()
-        )
+        for params in (getattr(settings, "TASKS", None) or {}).values():
+            try:
+                backend = import_string(str(params.get("BACKEND", "")))
+            except ImportError:
+                continue  # the tasks framework reports a bad BACKEND itself
+            if getattr(backend, "runs_enqueued_tasks", False):
+                return True
+        return False
 
 
 class TaskEvent(models.Model):

@@ -39,6 +39,7 @@ class StreamingTaskBackend(BaseTaskBackend):
     """
 
     task_class = StreamingTask
+    runs_enqueued_tasks = True  # what makes the runners claim EnqueuedTask rows (EnqueuedTask.runs_here)
     supports_defer = True
     supports_async_task = True
     supports_get_result = True

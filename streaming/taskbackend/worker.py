@@ -100,8 +100,11 @@ async def _in_thread(func: Callable[..., Any], args: list[Any], kwargs: dict[str
 
 
 async def ended(row: "EnqueuedTask") -> None:
-    """The run's end is written: ``task_finished``, with the result as stored."""
-    await sync_to_async(_finished)(row)
+    """The run's end is written: ``task_finished``, with the result as stored.
+
+    A read and the receivers only: on a thread of the default executor, off the
+    one ORM thread where every claim, renewal and end of this node queues."""
+    await sync_to_async(_finished, thread_sensitive=False)(row)
 
 
 def _finished(row: "EnqueuedTask") -> None:
