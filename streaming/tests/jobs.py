@@ -90,3 +90,13 @@ def in_reports_queue():
 def stamp(label):
     """Returns when it ran, for ordering tests."""
     return {"label": label, "at": time.time()}
+
+
+@task
+def build_report(report_id: int) -> dict:
+    """The README's example task (rows stand in for real work)."""
+    rows = ["a", "b", "c"]
+    for done, _row in enumerate(rows, 1):
+        time.sleep(0.05)
+        send_event("progress", {"done": done, "total": len(rows)})
+    return {"rows": len(rows), "url": f"/reports/{report_id}.pdf"}

@@ -428,3 +428,40 @@ class CrashTests(TransactionTestCase):
         self.assertEqual(failed.stream_status, "failed")
         self.assertEqual([e.exception_class_path for e in failed.errors], [INTERRUPTED])
         self.assertIn("interrupted", failed.errors[0].traceback)
+
+
+class BrowserTests(TransactionTestCase):
+    """The README's example in a real Chromium: the page's button enqueues through the
+    view, the page follows the task's progress over its signed stream URL."""
+
+    def test_the_readme_example_shows_progress_in_a_browser(self):
+        from django.conf import settings
+        from django.contrib.auth.models import User
+
+        from .test_browser import CHROMIUM, Browser, browser_missing, require, session_cookie_value
+
+        require(browser_missing())
+        user = User.objects.create_user("reporter", password="x")
+        cookie = {"name": settings.SESSION_COOKIE_NAME, "value": session_cookie_value(user)}
+        server = ServerProcess(env={"DJANGO_SETTINGS_MODULE": "streaming.tests.settings_tasks"}).start()
+        browser = Browser(CHROMIUM)
+        try:
+            page = browser.open(f"{server.url}/reports/page/", cookies=[{**cookie, "url": server.url}])
+            page.evaluate("() => startReport(7)")
+            browser.run(
+                lambda: page.page.wait_for_function(
+                    "() => document.getElementById('state').textContent !== ''", polling=20, timeout=20_000
+                ),
+                timeout=30,
+            )
+            shown = page.evaluate(
+                """() => ({bar: [document.getElementById('bar').value, document.getElementById('bar').max],
+                          state: document.getElementById('state').innerHTML})"""
+            )
+        finally:
+            browser.close()
+            server.stop()
+        self.assertEqual(shown["bar"], [3, 3], page.console)
+        self.assertEqual(shown["state"], '<a href="/reports/7.pdf">Done</a>')
+        row = EnqueuedTask.objects.get(task_path="streaming.tests.jobs.build_report")
+        self.assertEqual((row.status, row.args), ("completed", [7]))
