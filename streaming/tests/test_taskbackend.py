@@ -7,6 +7,7 @@ import dataclasses
 import json
 import threading
 import time
+import unittest
 from datetime import timedelta
 
 from asgiref.sync import async_to_sync
@@ -465,3 +466,27 @@ class BrowserTests(TransactionTestCase):
         self.assertEqual(shown["state"], '<a href="/reports/7.pdf">Done</a>')
         row = EnqueuedTask.objects.get(task_path="streaming.tests.jobs.build_report")
         self.assertEqual((row.status, row.args), ("completed", [7]))
+
+
+class WorkerTierTests(TransactionTestCase):
+    """A web server that runs nothing, and a ``runtasks`` worker for one queue (needs Redis)."""
+
+    def test_a_task_only_worker_runs_its_queue_and_the_web_server_streams_it(self):
+        from streaming.conf import get_settings
+        from streaming.transports import is_shared
+
+        from .test_servers import NEEDS_SHARED, TaskWorker
+
+        if not is_shared(get_settings().BROKER_URL):
+            raise unittest.SkipTest(NEEDS_SHARED)
+        web = ServerProcess(run_tasks=False).start()
+        worker = TaskWorker(task_queues="reports").start()
+        try:
+            result = jobs.build_report.using(queue_name="reports").enqueue(3)
+            events = read_stream(f"{web.url}{result.stream_url()}", headers={"Last-Event-ID": "0"})
+            wait_result(result, TaskResultStatus.SUCCESSFUL)
+        finally:
+            worker.stop()
+            web.stop()
+        self.assertEqual([e.event for e in events], ["progress"] * 3 + ["complete"])
+        self.assertIn(f":{worker.proc.pid}:", result.worker_ids[0])
