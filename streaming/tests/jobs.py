@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from pathlib import Path
 
 try:
     from django.tasks import task
@@ -49,12 +50,18 @@ async def wait_forever():
 
 
 @task
-def wait_forever_sync():
+def wait_forever_sync(stopped_marker=None, check_flag=True):
+    """Until cancelled: it learns of it from is_cancelled() (check_flag) or from send_event()
+    raising TaskCancelled; then writes ``stopped_marker`` (a file), so a test sees the thread end."""
     tick = 0
-    while not is_cancelled():
-        tick += 1
-        send_event("tick", {"tick": tick})
-        time.sleep(0.05)
+    try:
+        while not (check_flag and is_cancelled()):
+            tick += 1
+            send_event("tick", {"tick": tick})
+            time.sleep(0.05)
+    finally:
+        if stopped_marker:
+            Path(stopped_marker).write_text(f"stopped after {tick} ticks")
 
 
 @task(takes_context=True)

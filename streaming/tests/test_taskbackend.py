@@ -5,10 +5,13 @@ django-tasks backport) alike: nothing here is skipped on either line."""
 import asyncio
 import dataclasses
 import json
+import shutil
+import tempfile
 import threading
 import time
 import unittest
 from datetime import timedelta
+from pathlib import Path
 
 from asgiref.sync import async_to_sync
 from django.core.exceptions import ImproperlyConfigured
@@ -333,9 +336,21 @@ class ServerTests(ServerTestCase):
         self.assertGreaterEqual(result.return_value["at"], after.timestamp())
 
     def test_cancel_a_running_task(self):
-        for job in (jobs.wait_forever, jobs.wait_forever_sync):
-            with self.subTest(job.name):
-                result = job.enqueue()
+        marker = Path(tempfile.mkdtemp(prefix="taskbackend-")) / "stopped"
+        self.addCleanup(shutil.rmtree, marker.parent, ignore_errors=True)
+        cases = [
+            ("async", jobs.wait_forever, {}),
+            ("sync, is_cancelled()", jobs.wait_forever_sync, {"stopped_marker": str(marker)}),
+            (
+                "sync, send_event()",
+                jobs.wait_forever_sync,
+                {"stopped_marker": str(marker), "check_flag": False},
+            ),
+        ]
+        for name, job, kwargs in cases:
+            with self.subTest(name):
+                marker.unlink(missing_ok=True)
+                result = job.enqueue(**kwargs)
                 events = []
                 reader = threading.Thread(
                     target=self.stream,
@@ -351,6 +366,8 @@ class ServerTests(ServerTestCase):
                 wait_result(result, TaskResultStatus.FAILED)
                 self.assertEqual(result.stream_status, "cancelled")
                 self.assertEqual([e.exception_class_path for e in result.errors], [CANCELLED])
+                if kwargs:  # the sync function's thread ended too, not only its run
+                    wait_for(marker.exists, message="the sync function to stop")
 
     def test_cancel_a_deferred_task_before_it_runs(self):
         result = jobs.add.using(run_after=timezone.now() + timedelta(hours=1)).enqueue(1, 1)
