@@ -93,8 +93,10 @@ class StreamTask(models.Model):
         raise NotImplementedError(f"{type(self).__name__} must implement async def process(self)")
 
     async def on_end(self, status: str) -> None:
-        """Called by the runner once a run's end is written (``status``: completed,
-        failed or cancelled), in the server's event loop. Default: nothing."""
+        """Called by a runner once it wrote the task's end (``status``: completed,
+        failed or cancelled), in the server's event loop: after a run, and after
+        failing a task by recovery (its server died; then on a fresh instance, on
+        the node that recovered it). Default: nothing."""
 
     @classmethod
     def claimable(cls, pending: QuerySet[Self], settings: "StreamingSettings") -> QuerySet[Self]:

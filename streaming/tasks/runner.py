@@ -236,6 +236,7 @@ class Runner:
                 logger.warning("Recovered %s: its server died; failed by its policy", key)
                 if item.event is not None:  # always, for a task that was failed
                     await self.hub.publish(key, item.event)
+                await self._ended_elsewhere(model, pk, Status.FAILED)
 
     async def _salvage(self, model: type[StreamTask], key: TaskKey) -> None:
         """Log what the dead run published but could not write: with Redis, its
@@ -334,6 +335,17 @@ class Runner:
         except Exception:
             logger.exception("%s.on_end() failed", run.model.__name__)
 
+    async def _ended_elsewhere(self, model: type[StreamTask], pk: object, status: str) -> None:
+        """on_end() of a task this runner failed by recovery (its run was another's):
+        read the row for it only when the class has an on_end() of its own."""
+        if model.on_end is StreamTask.on_end:
+            return
+        try:
+            instance = await model.objects.aget(pk=pk)
+            await instance.on_end(status)
+        except Exception:
+            logger.exception("%s.on_end() failed", model.__name__)
+
     async def _end_durably(
         self,
         run: TaskRun,
@@ -369,7 +381,8 @@ class Runner:
             await self.transport.wake()
             return
         message = "Task interrupted: the server shut down"
-        await run.end(Status.FAILED, ERROR, {"message": message, "type": "Interrupted"}, error=message)
+        if await run.end(Status.FAILED, ERROR, {"message": message, "type": "Interrupted"}, error=message):
+            await self._ended(run, Status.FAILED)
 
 
 def _failure(run: TaskRun, exc: BaseException) -> tuple[Status, str, dict[str, str], str]:

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -34,6 +35,7 @@ from streaming.keys import TaskKey
 from streaming.models import EnqueuedTask
 from streaming.taskbackend import StreamingTaskBackend, StreamingTaskResult
 from streaming.taskbackend.compat import FRAMEWORK
+from streaming.tasks import store
 from streaming.tasks.registry import stream_models
 
 from . import jobs
@@ -235,6 +237,40 @@ class InProcessTests(TransactionTestCase):
         # finished comes after started, and when it comes the result is stored
         order = [(name, rid) for name, _, rid, _ in seen]
         self.assertLess(order.index(("started", ok.id)), order.index(("finished", ok.id)))
+
+    def test_task_finished_for_a_task_failed_by_recovery(self):
+        finished = []
+
+        def receiver(sender, task_result, **kwargs):
+            finished.append((task_result.id, task_result.status, task_result.stream_status))
+
+        task_finished.connect(receiver)
+        self.addCleanup(task_finished.disconnect, receiver)
+        dead_owner = f"{store.HOSTNAME}:{dead_pid()}:deadbeef"
+        result = jobs.fail_on_a_crash.enqueue()
+        EnqueuedTask.objects.filter(pk=result.id).update(
+            status="running",
+            attempts=1,
+            lease_owner=dead_owner,
+            lease_expires_at=timezone.now() + timedelta(minutes=5),
+            worker_ids=[dead_owner],
+        )
+
+        async def scenario():
+            async with serving():
+                await wait_async(result)
+                await eventually(lambda: finished, message="task_finished")
+
+        async_to_sync(scenario)()
+        self.assertEqual(finished, [(result.id, TaskResultStatus.FAILED, "failed")])
+        self.assertEqual([e.exception_class_path for e in result.errors], [INTERRUPTED])
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (this host's runner takes its tasks back at once)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 async def wait_async(result, timeout=15.0):
