@@ -8,6 +8,7 @@ and never holds up a server's exit; it is told of a cancel at its next
 
 import asyncio
 import contextvars
+import logging
 import threading
 import traceback
 from collections.abc import Callable
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from ..models import EnqueuedTask
 
 RUNNING = "running"
+logger = logging.getLogger(__name__)
 
 
 async def execute(row: "EnqueuedTask") -> Any:
@@ -48,9 +50,14 @@ async def execute(row: "EnqueuedTask") -> Any:
             *row.errors,
             {"attempt": row.attempts, "exception_class_path": path, "traceback": trace},
         ]
-        await (
-            type(row).objects.filter(pk=row.pk, lease_owner=owner, status=RUNNING).aupdate(errors=row.errors)
-        )
+        try:
+            await (
+                type(row)
+                .objects.filter(pk=row.pk, lease_owner=owner, status=RUNNING)
+                .aupdate(errors=row.errors)
+            )
+        except Exception:  # the task fails all the same; its own error is the one to report
+            logger.exception("Recording the error of %s %s failed", type(row).__name__, row.pk)
         raise
     finally:
         current.stopped.set()
