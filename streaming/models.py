@@ -365,13 +365,11 @@ class EnqueuedTask(StreamTask):
     def claimable(cls, pending: QuerySet[Self], settings: "StreamingSettings") -> QuerySet[Self]:
         """Due rows (``run_after`` passed) of the queues this runner serves
         (``STREAMING["TASK_QUEUES"]``, all when empty), highest priority first, then oldest;
-        a cancelled one at once, due or not (the runner ends it without running it)."""
-        due = pending.filter(
-            Q(run_after__isnull=True) | Q(run_after__lte=timezone.now()) | Q(cancel_requested=True)
-        )
+        a cancelled one at once, due or not, of any queue (the runner ends it without running it)."""
+        runnable = Q(run_after__isnull=True) | Q(run_after__lte=timezone.now())
         if settings.TASK_QUEUES:
-            due = due.filter(queue_name__in=settings.TASK_QUEUES)
-        return due.order_by("-priority", "pk")
+            runnable &= Q(queue_name__in=settings.TASK_QUEUES)
+        return pending.filter(runnable | Q(cancel_requested=True)).order_by("-priority", "pk")
 
     @classmethod
     def runs_here(cls) -> bool:

@@ -437,6 +437,10 @@ class OrderAndQueueTests(ServerTestCase):
         self.assertEqual(here.return_value, "reports")
         elsewhere.refresh()  # older, so it would have run first on a runner serving its queue
         self.assertEqual(elsewhere.status, TaskResultStatus.READY)
+        stray = jobs.stamp.enqueue("cancelled, in a queue served elsewhere")
+        stray.cancel()  # ended here all the same, without running
+        wait_result(stray, TaskResultStatus.FAILED)
+        self.assertEqual((stray.stream_status, stray.worker_ids), ("cancelled", []))
         other = ServerProcess().start()  # every queue
         try:
             wait_result(elsewhere, TaskResultStatus.SUCCESSFUL)
