@@ -127,6 +127,16 @@ STATIC_URL = "static/"
 # (STREAMING_MAX_STREAMS=5000, STREAMING_CORS_ALLOWED_ORIGINS=https://a,https://b).
 STREAMING = from_environ()
 
+# Django's tasks framework (Django 6; the django-tasks backport on 5.2) on our
+# servers: @task functions run there and stream their progress (README, "Using
+# Django's tasks framework"). The queues are the ones the tests use.
+TASKS = {
+    "default": {
+        "BACKEND": "streaming.taskbackend.StreamingTaskBackend",
+        "QUEUES": ["default", "reports", "emails"],
+    }
+}
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -137,6 +147,12 @@ LOGGING = {
         "streaming": {
             "handlers": ["console"],
             "level": "CRITICAL" if sys.argv[1:2] == ["test"] else "INFO",
-        }
+        },
+        # The tasks framework logs each task's end (the backport logs a failed
+        # one with logger.exception): quiet under `manage.py test` too.
+        **{
+            name: {"handlers": ["console"], "level": "CRITICAL" if sys.argv[1:2] == ["test"] else "INFO"}
+            for name in ("django.tasks", "django_tasks")
+        },
     },
 }

@@ -53,6 +53,9 @@ class StreamingSettings:
     READY_TIMEOUT: float = 2.0
     # Whether this server also runs tasks (False: it only serves streams).
     RUN_TASKS: bool = True
+    # The queues of Django's tasks framework (streaming.taskbackend) whose
+    # tasks this server runs, e.g. ("emails",); empty: every queue.
+    TASK_QUEUES: tuple[str, ...] = ()
     # Redis broker: entries kept per task stream (approximate cap), and how
     # long a finished task's stream stays in Redis (the event log keeps all).
     REDIS_STREAM_MAXLEN: int = 10_000

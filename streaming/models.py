@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from asgiref.sync import sync_to_async
 from django.db import models, transaction
+from django.db.models import Q, QuerySet
+from django.utils import timezone
 
 from .conf import get_settings
 from .events import RESERVED_TYPES, validate_event_type
@@ -20,9 +22,10 @@ from .tasks import wake
 if TYPE_CHECKING:
     from django.contrib.auth.base_user import AbstractBaseUser
 
+    from .conf import StreamingSettings
     from .tasks.run import TaskRun
 
-__all__ = ["FINISHED_STATUSES", "Recovery", "Status", "StreamTask", "TaskEvent"]
+__all__ = ["FINISHED_STATUSES", "EnqueuedTask", "Recovery", "Status", "StreamTask", "TaskEvent"]
 
 
 class Status(models.TextChoices):
@@ -88,6 +91,24 @@ class StreamTask(models.Model):
 
     async def process(self) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must implement async def process(self)")
+
+    async def on_end(self, status: str) -> None:
+        """Called by a runner once it wrote the task's end (``status``: completed,
+        failed or cancelled), in the server's event loop: after a run, and after
+        failing a task by recovery (its server died; then on a fresh instance, on
+        the node that recovered it). Default: nothing."""
+
+    @classmethod
+    def claimable(cls, pending: QuerySet[Self], settings: "StreamingSettings") -> QuerySet[Self]:
+        """The pending rows a runner with ``settings`` may claim, in claim order
+        (the claim takes the first ones). Default: all of them, oldest first."""
+        return pending.order_by("pk")
+
+    @classmethod
+    def runs_here(cls) -> bool:
+        """Whether runners claim, recover and stream this model in this project
+        (asked once, cached until a settings change). Default: yes."""
+        return True
 
     # -- inside process() ---------------------------------------------------
 
@@ -311,6 +332,75 @@ class StreamTask(models.Model):
 
     def __str__(self) -> str:
         return f"{type(self).__name__} {self.pk} ({self.status})"
+
+
+class EnqueuedTask(StreamTask):
+    """A ``@task`` function enqueued through Django's tasks framework
+    (``streaming.taskbackend.StreamingTaskBackend``): one row per ``enqueue()``.
+
+    ``process()`` imports the function by its path and calls it with the
+    stored arguments (a sync function in a thread of its own). The row's
+    ``recovery`` and ``max_attempts`` are per task (the backend's OPTIONS, or
+    the ``@task(recovery=..., max_attempts=...)`` of this backend's task class).
+    """
+
+    task_path = models.CharField(max_length=300)  # the module path of the @task object
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    backend = models.CharField(max_length=100, default="default")  # the TASKS alias
+    queue_name = models.CharField(max_length=100, default="default", db_index=True)
+    priority = models.SmallIntegerField(default=0)  # -100..100, higher runs first
+    run_after = models.DateTimeField(null=True, blank=True)  # not claimed before this
+    takes_context = models.BooleanField(default=False)
+    # Per row, read by crash recovery in place of the class-level options of StreamTask.
+    recovery = models.CharField(  # type: ignore[assignment]  # a field where StreamTask has a class option
+        max_length=8, choices=Recovery.choices, default=Recovery.FAIL
+    )
+    max_attempts = models.PositiveSmallIntegerField(default=3)
+    first_started_at = models.DateTimeField(null=True, blank=True)
+    worker_ids = models.JSONField(default=list, blank=True)  # the lease owner of each attempt
+    # [{"attempt": n, "exception_class_path": "...", "traceback": "..."}]: what the function raised
+    errors = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        verbose_name = "enqueued task"
+        indexes = [models.Index(fields=["status", "-priority", "id"], name="streaming_enqueued_claim")]
+
+    async def process(self) -> Any:
+        from .taskbackend import worker
+
+        return await worker.execute(self)
+
+    async def on_end(self, status: str) -> None:
+        from .taskbackend import worker
+
+        await worker.ended(self)
+
+    @classmethod
+    def claimable(cls, pending: QuerySet[Self], settings: "StreamingSettings") -> QuerySet[Self]:
+        """Due rows (``run_after`` passed) of the queues this runner serves
+        (``STREAMING["TASK_QUEUES"]``, all when empty), highest priority first, then oldest;
+        a cancelled one at once, due or not, of any queue (the runner ends it without running it)."""
+        runnable = Q(run_after__isnull=True) | Q(run_after__lte=timezone.now())
+        if settings.TASK_QUEUES:
+            runnable &= Q(queue_name__in=settings.TASK_QUEUES)
+        return pending.filter(runnable | Q(cancel_requested=True)).order_by("-priority", "pk")
+
+    @classmethod
+    def runs_here(cls) -> bool:
+        """Only in a project whose TASKS names our backend (or a subclass): others
+        pay no query for this table."""
+        from django.conf import settings
+        from django.utils.module_loading import import_string
+
+        for params in (getattr(settings, "TASKS", None) or {}).values():
+            try:
+                backend = import_string(str(params.get("BACKEND", "")))
+            except ImportError:
+                continue  # the tasks framework reports a bad BACKEND itself
+            if getattr(backend, "runs_enqueued_tasks", False):
+                return True
+        return False
 
 
 class TaskEvent(models.Model):

@@ -13,7 +13,7 @@ from django.db.models.signals import post_delete, post_save
 from . import conf
 from .keys import TaskKey
 from .models import Status, StreamTask
-from .tasks import store, wake
+from .tasks import registry, store, wake
 
 
 def _concrete(sender: type[StreamTask]) -> type[StreamTask]:
@@ -35,6 +35,8 @@ def _task_deleted(sender: type[StreamTask], instance: StreamTask, **kwargs: obje
 def _settings_changed(setting: str, **kwargs: object) -> None:
     if setting == "STREAMING":
         conf.reset_settings_cache()
+    elif setting == "TASKS":  # EnqueuedTask runs only where TASKS names our backend
+        registry.stream_models.cache_clear()
 
 
 def connect(models: "tuple[type[StreamTask], ...]") -> None:

@@ -10,7 +10,9 @@ from ..models import StreamTask
 @cache
 def stream_models() -> tuple[type[StreamTask], ...]:
     return tuple(
-        model for model in apps.get_models() if issubclass(model, StreamTask) and not model._meta.proxy
+        model
+        for model in apps.get_models()
+        if issubclass(model, StreamTask) and not model._meta.proxy and model.runs_here()
     )
 
 

@@ -174,7 +174,7 @@ class Runner:
             return
         began = time.monotonic()  # the lease runs from before the claim was sent
         claims = await sync_to_async(store.claim_pending)(
-            stream_models(), free, self.owner, self.settings.LEASE_SECONDS
+            stream_models(), free, self.owner, self.settings.LEASE_SECONDS, self.settings
         )
         for claim in claims:
             run = TaskRun(self, claim)
@@ -238,6 +238,7 @@ class Runner:
                 logger.warning("Recovered %s: its server died; failed by its policy", key)
                 if item.event is not None:  # always, for a task that was failed
                     await self.hub.publish(key, item.event)
+                await self._ended_elsewhere(model, pk, Status.FAILED)
 
     async def _salvage(self, model: type[StreamTask], key: TaskKey) -> None:
         """Log what the dead run published but could not write: with Redis, its
@@ -275,7 +276,7 @@ class Runner:
                         {
                             "message": "Running again after an interruption",
                             "attempt": instance.attempts,
-                            "max_attempts": run.model.max_attempts,
+                            "max_attempts": instance.max_attempts,
                         },
                     )
                 result = await instance.process()
@@ -321,12 +322,31 @@ class Runner:
                 if current is not None:  # always: _execute() runs as a task
                     current.uncancel()
                 await finishing
+            if finishing.result():
+                await self._ended(run, status)
         except Exception:
             logger.exception("Ending task %s failed; its lease will expire", run.key)
         finally:
             run.release()
             self.runs.pop(run.key, None)
             self.hub.run_stopped(run.key)
+
+    async def _ended(self, run: TaskRun, status: str) -> None:
+        try:
+            await run.instance.on_end(status)
+        except Exception:
+            logger.exception("%s.on_end() failed", run.model.__name__)
+
+    async def _ended_elsewhere(self, model: type[StreamTask], pk: object, status: str) -> None:
+        """on_end() of a task this runner failed by recovery (its run was another's):
+        read the row for it only when the class has an on_end() of its own."""
+        if model.on_end is StreamTask.on_end:
+            return
+        try:
+            instance = await model.objects.aget(pk=pk)
+            await instance.on_end(status)
+        except Exception:
+            logger.exception("%s.on_end() failed", model.__name__)
 
     async def _end_durably(
         self,
@@ -336,8 +356,8 @@ class Runner:
         data: dict[str, Any],
         final_value: Any,
         error_text: str,
-    ) -> None:
-        """run.end(), again and again while the database fails.
+    ) -> bool:
+        """run.end(), again and again while the database fails; False: the lease was lost.
 
         The run stays in self.runs meanwhile, so its lease is renewed and no
         other runner takes the task up; only a stopping server gives up
@@ -346,8 +366,7 @@ class Runner:
         delay = 0.5
         while True:
             try:
-                await run.end(status, event_type, data, final_value=final_value, error=error_text)
-                return
+                return await run.end(status, event_type, data, final_value=final_value, error=error_text)
             except Exception:
                 if self._stopping:
                     raise
@@ -358,13 +377,14 @@ class Runner:
     async def _interrupted(self, run: TaskRun) -> None:
         """The server is stopping under this task: retry it later or fail it."""
         await self.eventlog.flush()
-        if run.model.recovery == Recovery.RETRY and run.instance.attempts < run.model.max_attempts:
+        if run.instance.recovery == Recovery.RETRY and run.instance.attempts < run.instance.max_attempts:
             await sync_to_async(store.finish)(run.model, run.pk, self.owner, Status.PENDING, None)
             logger.info("Handed %s back; another runner (or the next start) takes it up", run.key)
             await self.transport.wake()
             return
         message = "Task interrupted: the server shut down"
-        await run.end(Status.FAILED, ERROR, {"message": message, "type": "Interrupted"}, error=message)
+        if await run.end(Status.FAILED, ERROR, {"message": message, "type": "Interrupted"}, error=message):
+            await self._ended(run, Status.FAILED)
 
 
 def _failure(run: TaskRun, exc: BaseException) -> tuple[Status, str, dict[str, str], str]:

@@ -14,15 +14,19 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.db import OperationalError, connection, connections, transaction
 from django.db.models import F, Max
 from django.utils import timezone
 
+from ..conf import get_settings
 from ..events import ERROR, Event, build_payload
 from ..keys import TaskKey
 from ..models import FINISHED_STATUSES, Recovery, Status, StreamTask, TaskEvent
+
+if TYPE_CHECKING:
+    from ..conf import StreamingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +106,11 @@ class Claim:
 
 
 def claim_pending(
-    models: Iterable[type[StreamTask]], limit: int, owner: str, lease_seconds: float
+    models: Iterable[type[StreamTask]],
+    limit: int,
+    owner: str,
+    lease_seconds: float,
+    settings: "StreamingSettings | None" = None,
 ) -> list[Claim]:
     """Take up to ``limit`` pending tasks for ``owner``; each goes to one runner only.
 
@@ -111,12 +119,13 @@ def claim_pending(
     ``UPDATE ... WHERE status='pending'`` per row, which only one runner wins.
     """
     skip_locked = connection.features.has_select_for_update_skip_locked
+    settings = settings or get_settings()
     claims: list[Claim] = []
     for model in models:
         wanted = limit - len(claims)
         if wanted <= 0:
             break
-        pending = model.objects.filter(status=Status.PENDING).order_by("pk")
+        pending = model.claimable(model.objects.filter(status=Status.PENDING), settings)
         if skip_locked:
             with bounded_transaction():
                 pks = list(pending.select_for_update(skip_locked=True).values_list("pk", flat=True)[:wanted])
@@ -296,10 +305,11 @@ def settle_orphan(model: type[StreamTask], pk: object, owner: str) -> Recovered 
         task = model.objects.filter(pk=pk, status=Status.RUNNING, lease_owner=owner).first()
         if task is None:
             return None
-        if model.recovery == Recovery.RETRY and task.attempts < model.max_attempts:
+        # Read on the row: a class's options, or a model's per-row fields of the same names.
+        if task.recovery == Recovery.RETRY and task.attempts < task.max_attempts:
             model.objects.filter(pk=pk).update(status=Status.PENDING, lease_owner=None, lease_expires_at=None)
             return Recovered(model, pk, True, None)
-        if model.recovery == Recovery.RETRY:
+        if task.recovery == Recovery.RETRY:
             message = f"Task interrupted on each of its {task.attempts} attempts; giving up"
         else:
             message = "Task interrupted: the server running it stopped"

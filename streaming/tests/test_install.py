@@ -4,8 +4,11 @@ The wheel built from this repository is installed into a fresh virtualenv,
 with every other dependency pinned to poetry.lock. A brand-new project
 (``django-admin startproject``) adds ``streaming`` and an app with one task
 model of its own, migrates, and serves it with ``runserver_stream``; a task
-created from ``manage.py shell`` is streamed over HTTP to its end. Nothing of
-this repository's demo project or test suite comes along.
+created from ``manage.py shell`` is streamed over HTTP to its end, and so is
+a ``@task`` function of the project's, enqueued through Django's tasks
+framework with ``TASKS`` naming our backend (the ``tasks`` extra brings the
+backport on Django 5.2). Nothing of this repository's demo project or test
+suite comes along.
 
 Once per Django line: 5.2 on any supported Python, 6.x on Python 3.12+ (CI
 runs the suite under both). It tests the package, not the database, so only
@@ -63,6 +66,28 @@ class Report(StreamTask):
         return {"topic": self.topic, "pages": 10 * self.steps}
 """
 
+# A @task function of the project's own (README "Using Django's tasks framework").
+TASKS_PY = """\
+try:
+    from django.tasks import task
+except ImportError:  # Django 5.2: the backport (the [tasks] extra)
+    from django_tasks import task
+
+from streaming.taskbackend import send_event
+
+
+@task
+def summarize(topic):
+    for step in (1, 2):
+        send_event("progress", {"step": step, "of": 2})
+    return {"topic": topic, "summary": "short"}
+"""
+ENQUEUE_TASK = (
+    "from reports.tasks import summarize; "
+    "result = summarize.enqueue('adoption'); "
+    "print('RESULT', result.id, result.status); "
+    "print('URL', result.stream_url(expires_in=120))"
+)
 ASGI_PY = """\
 import os
 
@@ -78,6 +103,7 @@ SETTINGS_TAIL = """
 
 INSTALLED_APPS += ["streaming", "reports"]
 ASGI_APPLICATION = "mysite.asgi.application"
+TASKS = {"default": {"BACKEND": "streaming.taskbackend.StreamingTaskBackend"}}
 DATABASES["default"]["OPTIONS"] = {
     "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     "transaction_mode": "IMMEDIATE",
@@ -207,12 +233,14 @@ class InstallTests(SimpleTestCase):
         for required in (
             "streaming/__init__.py",
             "streaming/migrations/0001_initial.py",
+            "streaming/migrations/0002_enqueuedtask.py",  # the tasks backend's table
+            "streaming/taskbackend/backend.py",
             "streaming/py.typed",
             "streaming/static/streaming/admin-tail.js",  # the admin's live tail
         ):
             self.assertIn(required, names, context)
         self.assertIn(f"Version: {streaming.__version__}\n", metadata)
-        for extra in ("client", "postgres", "redis"):
+        for extra in ("client", "postgres", "redis", "tasks"):
             self.assertIn(f"Provides-Extra: {extra}\n", metadata)
 
     def test_a_new_project_on_django_5_2(self):
@@ -275,7 +303,7 @@ class InstallTests(SimpleTestCase):
         else:
             self.call([sys.executable, "-m", "venv", venv])
             pip = [self.python, "-m", "pip"]
-        requirement = f"{self.wheel}[client]"
+        requirement = f"{self.wheel}[client,tasks]"
         pinned = ["--constraint", self.constraints, f"django=={django_version}"]
         self.call([*pip, "install", "--no-compile", requirement, *pinned], timeout=600)
         self.call([*pip, "check"])
@@ -309,6 +337,7 @@ class InstallTests(SimpleTestCase):
         self.project = self.work / "mysite"
         self.manage("startapp", "reports")
         (self.project / "reports" / "models.py").write_text(MODELS_PY)
+        (self.project / "reports" / "tasks.py").write_text(TASKS_PY)
         (self.project / "mysite" / "asgi.py").write_text(ASGI_PY)
         with (self.project / "mysite" / "settings.py").open("a") as settings:
             settings.write(SETTINGS_TAIL)
@@ -316,6 +345,7 @@ class InstallTests(SimpleTestCase):
         self.assertTrue((self.project / "reports" / "migrations" / "0001_initial.py").exists())
         migrated = self.manage("migrate").stdout
         self.assertIn("Applying streaming.0001_initial... OK", migrated)
+        self.assertIn("Applying streaming.0002_enqueuedtask... OK", migrated)
         self.assertIn("Applying reports.0001_initial... OK", migrated)
 
         # The library comes from the wheel, alone.
@@ -389,6 +419,23 @@ class InstallTests(SimpleTestCase):
             },
         )
 
+        # Django's tasks framework, by the one setting: a @task runs on the server and streams.
+        enqueued = self.manage("shell", "-c", ENQUEUE_TASK).stdout
+        match = re.search(r"^RESULT (\d+) READY$", enqueued, re.MULTILINE)
+        self.assertIsNotNone(match, f"no 'RESULT <id> READY' in: {enqueued!r}")
+        signed = re.search(r"^URL (\S+)$", enqueued, re.MULTILINE)
+        self.assertIsNotNone(signed, f"no 'URL <stream url>' in: {enqueued!r}")
+        events = read_stream(f"{url}{signed[1]}&history=all", timeout=30)
+        self.assertEqual([e.event for e in events], ["progress", "progress", "complete"])
+        self.assertEqual(events[-1].data["summary"], "short")
+        fetched = self.manage(
+            "shell",
+            "-c",
+            f"from reports.tasks import summarize; r = summarize.get_result('{match[1]}'); "
+            "print('STATUS', r.status, r.return_value['topic'])",
+        ).stdout
+        self.assertIn("STATUS SUCCESSFUL adoption", fetched)
+
         self.stop_server(check=True)
 
         # 4. The project's database: its own tables and the library's, nothing else's.
@@ -398,6 +445,7 @@ class InstallTests(SimpleTestCase):
             )
         self.assertIn("reports_report", tables)
         self.assertIn("streaming_taskevent", tables)
+        self.assertIn("streaming_enqueuedtask", tables)
         foreign = [
             name
             for name in tables

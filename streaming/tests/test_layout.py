@@ -119,3 +119,11 @@ class ImportGraphTests(unittest.TestCase):
                 self.assertFalse(module.split(".")[0] == "django", f"{name} imports {module}")
                 if module.startswith("streaming"):
                     self.assertTrue(module.startswith("streaming.client"), f"{name} imports {module}")
+
+    def test_only_the_compat_module_imports_the_tasks_framework(self):
+        # Django 6's django.tasks or the django-tasks backport: the choice is made in one place.
+        for name, found in self.imports.items():
+            framework = {m for m in found if m.startswith(("django.tasks", "django_tasks"))}
+            if name != "streaming.taskbackend.compat":
+                self.assertEqual(framework, set(), f"{name} imports {framework}")
+        self.assertIn("django.tasks", self.imports["streaming.taskbackend.compat"])
