@@ -198,7 +198,8 @@ class Hub:
         """An event published in another process, for this process's subscribers."""
         channel = self._channels.get(key)
         if channel is not None:
-            self.received += 1
+            if not channel.events or event.seq > channel.events[-1].seq:
+                self.received += 1  # not one this process published (Redis gives those back too)
             self._append(key, channel, event)
 
     def held_seq(self, key: TaskKey) -> int | None:
