@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -283,6 +284,24 @@ def value(samples, name, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def established(pid: int, port: int) -> int:
+    """Connections to ``port`` that process ``pid`` holds open (Linux: /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+                count += 1
+    return count
+
+
 class RawStream:
     """A stream read over a raw socket in a thread: its status line and every body byte."""
 
@@ -362,7 +381,8 @@ class ScrapeTests(ServerTestCase):
             stream.wait_closed()
             self.assertEqual(stream.ids, list(range(1, steps + 2)))
         self.wait_metric("streaming_streams_open", 0)
-        self.wait_metric("streaming_eventlog_written_total", steps + 1)
+        written = value(before, "streaming_eventlog_written_total") + steps  # the terminal one apart
+        self.wait_metric("streaming_eventlog_written_total", written)
         after = self.scrape()
 
         def grew(name, **labels):
@@ -504,7 +524,7 @@ class WorkersMetricsTests(TransactionTestCase):
             return (
                 value(samples, "streaming_eventlog_written_total")
                 - value(before, "streaming_eventlog_written_total")
-                == 4 * (steps + 1)
+                == 4 * steps  # the terminal events are written with the final status, apart
                 and value(samples, "streaming_streams_open") == 0
             )
 
@@ -525,3 +545,27 @@ class WorkersMetricsTests(TransactionTestCase):
             self.assertEqual(value(after, "streaming_tasks_running", model=MODEL), 0)
         self.server.stop()
         self.assertFalse(shared_dir.exists(), "the supervisor removes the workers' shared directory")
+
+    def test_a_dead_workers_gauges_go_and_its_counts_stay(self):
+        task = ScriptedTask.objects.create(steps=1, status="created")  # never started: streams stay open
+        streams = [RawStream(self.server.url, task.get_stream_path()) for _ in range(6)]
+        wait_for(lambda: value(scrape(self.server.url), "streaming_streams_open") == 6, timeout=15)
+        opened = value(scrape(self.server.url), "streaming_streams_opened_total")
+        started = re.findall(r"Streaming node started \([^:]+:(\d+):", self.server.log())
+        workers = {int(pid) for pid in started}
+        victim = max(workers, key=lambda pid: established(pid, self.server.port))  # one that holds streams
+        self.assertGreater(established(victim, self.server.port), 0)
+        os.kill(victim, signal.SIGKILL)
+        restarted = lambda: self.server.log().count("Streaming node started") == 3  # noqa: E731
+        wait_for(restarted, timeout=30, message="a new worker")
+
+        def open_now():
+            return sum(stream.reader.is_alive() for stream in streams)
+
+        wait_for(lambda: open_now() < 6, timeout=10, message="the dead worker's streams closed")
+        wait_for(
+            lambda: value(scrape(self.server.url), "streaming_streams_open") == open_now(),
+            timeout=15,
+            message="open streams: only the live workers'",
+        )
+        self.assertEqual(value(scrape(self.server.url), "streaming_streams_opened_total"), opened)

@@ -231,7 +231,8 @@ FIGURES = (
     Figure(
         "streaming_eventlog_written",
         "counter",
-        "Events written to the event log",
+        "Events written to the event log by its batched writer (a task's terminal event is "
+        "written with its final status, apart)",
         lambda s: _one(s.node.eventlog.written),
     ),
     Figure(
