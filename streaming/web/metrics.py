@@ -309,18 +309,32 @@ class Recorder:
             ("model", "outcome"),
             registry=None,
         )
+        self._children: dict[str, tuple[Any, Any]] = {}
+        self._durations: dict[tuple[str, str], Any] = {}
 
     @property
     def metrics(self) -> list[Any]:
         return [self.claimed_total, self.run_seconds, self.queue_wait_seconds, self.recovered_total]
 
     def claimed(self, run: "TaskRun", waited: float | None) -> None:
-        self.claimed_total.labels(run.key.label).inc()
+        label = run.key.label
+        claimed, waits = self._children.get(label) or self._remember(label)
+        claimed.inc()
         if waited is not None:
-            self.queue_wait_seconds.labels(run.key.label).observe(waited)
+            waits.observe(waited)
+
+    def _remember(self, label: str) -> tuple[Any, Any]:
+        # A metric's labels() takes a lock and checks its values each time: once per model here.
+        children = self._children[label] = (
+            self.claimed_total.labels(label),
+            self.queue_wait_seconds.labels(label),
+        )
+        return children
 
     def ended(self, run: "TaskRun", outcome: str, seconds: float) -> None:
-        self.run_seconds.labels(run.key.label, str(outcome)).observe(seconds)
+        key = (run.key.label, str(outcome))
+        durations = self._durations.get(key) or self._durations.setdefault(key, self.run_seconds.labels(*key))
+        durations.observe(seconds)
 
     def recovered(self, model: "type[StreamTask]", requeued: bool) -> None:
         self.recovered_total.labels(model._meta.label_lower, "requeued" if requeued else "failed").inc()
