@@ -21,6 +21,7 @@ from pathlib import Path
 from unittest import mock
 
 import httpx
+from asgiref.sync import sync_to_async
 from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured
@@ -29,13 +30,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streaming import conf
 from streaming.checks import check_metrics
+from streaming.node import Node
 from streaming.tasks.eventlog import EventLog
-from streaming.tests.testapp.models import ScriptedTask
+from streaming.tests.testapp.models import FragileTask, ScriptedTask
+from streaming.web.metrics import Recorder
 
 from .servercase import ServerTestCase
-from .support import ServerProcess, eventually, serving, wait_for
+from .support import ServerProcess, eventually, node_settings, serving, wait_for
 from .test_broker import KEY, BrokerTestCase, ev
 from .test_distributed import HOW, distributed_mode
+from .test_runner import DEAD_OWNER, make_orphan, wait_status
 
 TOKEN = "metrics-token-for-the-tests-0123456789"
 MODEL = "testapp.scriptedtask"
@@ -262,6 +266,71 @@ class SettingsTests(SimpleTestCase):
                 [warning] = check_metrics()
             self.assertEqual(warning.id, "streaming.W004")
         conf.get_settings.cache_clear()
+
+
+class RunnerRecordTests(TransactionTestCase):
+    """What the runner tells the recorder, and logs, for runs that end otherwise than completed."""
+
+    def recorded(self, recorder) -> dict[tuple[str, tuple], float]:
+        found = {}
+        for metric in recorder.metrics:
+            for family in metric.collect():
+                for sample in family.samples:
+                    found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+        return found
+
+    async def test_a_recovery_is_counted_and_logged_with_attempt_and_duration(self):
+        retried = await sync_to_async(make_orphan)(ScriptedTask, DEAD_OWNER, expires_in=60, steps=2)
+        failed = await sync_to_async(make_orphan)(FragileTask, DEAD_OWNER, expires_in=60, steps=2)
+        recorder = Recorder()
+        with self.assertLogs("streaming.tasks.runner", "INFO") as logs:
+            node = Node(node_settings())
+            node.runner.observer = recorder
+            async with node:
+                await wait_status(retried, "completed")
+                await wait_status(failed, "failed")
+        found = self.recorded(recorder)
+        self.assertEqual(value(found, "streaming_tasks_recovered_total", model=MODEL, outcome="requeued"), 1)
+        fragile = "testapp.fragiletask"
+        self.assertEqual(value(found, "streaming_tasks_recovered_total", model=fragile, outcome="failed"), 1)
+        self.assertEqual(value(found, "streaming_tasks_claimed_total", model=MODEL), 1)  # the retry
+        self.assertEqual(
+            value(found, "streaming_task_run_seconds_count", model=MODEL, outcome="completed"), 1
+        )
+        waits = "streaming_task_queue_wait_seconds_count"
+        self.assertEqual(value(found, waits, model=MODEL), 0)  # a second attempt: no wait observed
+        lines = "\n".join(logs.output)
+        self.assertRegex(
+            lines,
+            rf"WARNING:.*:Recovered {MODEL}:{retried.pk}: its server died "
+            r"\(attempt 1, claimed [\d.]+ s before\); running it again",
+        )
+        self.assertRegex(lines, rf"Recovered {fragile}:{failed.pk}: .*\(attempt 1, .*failed by its policy")
+        self.assertIn(f"INFO:streaming.tasks.runner:Started {MODEL}:{retried.pk} (attempt 2)", lines)
+        self.assertRegex(lines, rf"INFO:.*:Task {MODEL}:{retried.pk} completed \(attempt 2, [\d.]+ s\)")
+        [recovery] = [r for r in logs.records if r.getMessage().startswith(f"Recovered {MODEL}")]
+        self.assertEqual((recovery.task_key, recovery.attempt), (f"{MODEL}:{retried.pk}", 1))
+        self.assertGreaterEqual(recovery.duration, 5)  # make_orphan claimed it 5 s before
+        [end] = [r for r in logs.records if getattr(r, "outcome", None) == "completed"]
+        self.assertEqual((end.task_key, end.attempt, end.outcome), (f"{MODEL}:{retried.pk}", 2, "completed"))
+        self.assertGreater(end.duration, 0)
+
+    async def test_a_run_handed_back_at_shutdown(self):
+        task = await ScriptedTask.objects.acreate(steps=100, delay=0.05)
+        recorder = Recorder()
+        with self.assertLogs("streaming.tasks.runner", "INFO") as logs:
+            node = Node(node_settings(SHUTDOWN_GRACE=0.0))
+            node.runner.observer = recorder
+            async with node:
+                await wait_status(task, "running")
+        await wait_status(task, "pending")
+        found = self.recorded(recorder)
+        self.assertEqual(
+            value(found, "streaming_task_run_seconds_count", model=MODEL, outcome="handed_back"), 1
+        )
+        self.assertRegex(
+            "\n".join(logs.output), rf"Task {MODEL}:{task.pk} handed_back \(attempt 1, [\d.]+ s\)"
+        )
 
 
 # -- end to end ---------------------------------------------------------------------
