@@ -6,6 +6,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -79,6 +80,24 @@ class Server:
         )  # fmt: skip
         wait_healthy(self.port, self.proc, 30, f"server (see {self.log.name})")
         time.sleep(0.5 * workers)  # every worker up, not just the first
+        self.scrapes = 0
+        # BENCH_SCRAPE_EVERY=1 (with STREAMING_METRICS=1 and STREAMING_METRICS_TOKEN): a
+        # Prometheus-like scraper reads /metrics that often while the benchmark runs.
+        every = float(os.environ.get("BENCH_SCRAPE_EVERY") or 0)
+        if every:
+            threading.Thread(target=self._scrape, args=(every,), daemon=True).start()
+
+    def _scrape(self, every: float) -> None:
+        headers = {"authorization": f"Bearer {os.environ['STREAMING_METRICS_TOKEN']}"}
+        while self.proc.poll() is None:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{self.port}/metrics", headers=headers, timeout=10)
+            except httpx.TransportError:
+                break
+            if response.status_code != 200:
+                raise RuntimeError(f"/metrics answered {response.status_code}: {response.text}")
+            self.scrapes += 1
+            time.sleep(every)
 
     def stop(self):
         self.proc.terminate()

@@ -16,6 +16,24 @@ OWN_COMMANDS = ("runserver_stream", "runtasks")
 def register() -> None:
     checks.register(check_task_models, checks.Tags.models)
     checks.register(check_topology)
+    checks.register(check_metrics)
+
+
+def check_metrics(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """METRICS on needs prometheus-client (an optional extra)."""
+    import importlib.util
+
+    from .conf import get_settings
+
+    if not get_settings().METRICS or importlib.util.find_spec("prometheus_client") is not None:
+        return []
+    return [
+        checks.Warning(
+            "STREAMING['METRICS'] is on, but prometheus-client is not installed: /metrics answers 503.",
+            hint="pip install 'django-streaming-coordinator[metrics]', or turn METRICS off.",
+            id="streaming.W004",
+        )
+    ]
 
 
 def check_task_models(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:

@@ -94,6 +94,14 @@ class StreamingSettings:
     # untrusted one in that header. Others are counted by their own address.
     TRUSTED_PROXIES: tuple[str, ...] = ("127.0.0.1", "::1")
 
+    # -- Metrics (the [metrics] extra: prometheus-client) --
+    # Serve /metrics in the Prometheus text format. Off by default: the path
+    # stays your project's, and nothing extra runs.
+    METRICS: bool = False
+    # A bearer token for scrapers (Authorization: Bearer <token>), at least
+    # 16 characters; staff users' sessions may read /metrics too. None: only them.
+    METRICS_TOKEN: str | None = None
+
 
 def lease_margin(settings: StreamingSettings) -> float:
     """The effective LEASE_MARGIN; it must leave a run more than one renewal interval."""
@@ -122,7 +130,16 @@ def get_settings() -> StreamingSettings:
     for name in ("MAX_STREAMS", "MAX_STREAMS_PER_CLIENT"):
         if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 1:
             raise ImproperlyConfigured(f"STREAMING['{name}'] must be a positive number of streams")
+    token = settings.METRICS_TOKEN
+    if token is not None and (not isinstance(token, str) or len(token.strip()) < MIN_TOKEN_LENGTH):
+        raise ImproperlyConfigured(
+            f"STREAMING['METRICS_TOKEN'] must be a string of at least {MIN_TOKEN_LENGTH} characters "
+            "(a random one: python -c 'import secrets; print(secrets.token_urlsafe(32))'), or None"
+        )
     return settings
+
+
+MIN_TOKEN_LENGTH = 16  # a shorter bearer token is guessable
 
 
 def from_environ(prefix: str = "STREAMING_", environ: Mapping[str, str] | None = None) -> dict[str, Any]:

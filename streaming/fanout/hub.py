@@ -32,6 +32,10 @@ LOOKS_AT_ONCE = 4  # log queries for missed ends running together (the ORM has o
 logger = logging.getLogger(__name__)
 
 
+# A chunk for a client: its bytes, its last seq, whether it ends the stream, its number of events.
+Piece = tuple[bytes, int, bool, int]
+
+
 def _seq(event: Event) -> int:
     return event.seq
 
@@ -112,6 +116,16 @@ class Hub:
         self._looks: set[asyncio.Task[None]] = set()
         self._look_slots = asyncio.Semaphore(LOOKS_AT_ONCE)
         self._feeds: dict[str, set[Mux]] = {}  # model label -> muxes following its new tasks
+        # What this hub did, as plain counts (web/metrics.py reads them when
+        # scraped): added per publish, per chunk or per flush, never per
+        # event per client.
+        self.published = 0  # events this process's runs published
+        self.received = 0  # events that came from other processes (the transport)
+        self.delivered = 0  # events written to clients (an event to 10 clients counts 10)
+        self.bytes_written = 0  # event bytes written to clients
+        self.resumes = 0  # streams opened after an event they already had (Last-Event-ID)
+        self.resumes_incomplete = 0  # catch-ups that skipped events neither memory nor the log held
+        self.cut_off = 0  # clients cut off for reading nothing for CLIENT_SEND_TIMEOUT
 
     async def stop(self) -> None:
         tasks = [*self._looks, *([self._ticker] if self._ticker else [])]
@@ -168,6 +182,7 @@ class Hub:
             self._publishing.discard(key)
         else:
             self._publishing.add(key)
+        self.published += 1
         channel = self._channels.get(key)
         if channel is None:
             channel = self._channels[key] = Channel()
@@ -195,6 +210,8 @@ class Hub:
         """An event published in another process, for this process's subscribers."""
         channel = self._channels.get(key)
         if channel is not None:
+            if not channel.events or event.seq > channel.events[-1].seq:
+                self.received += 1  # not one this process published (Redis gives those back too)
             self._append(key, channel, event)
 
     def announced(self, starts: list[tuple[TaskKey, int]]) -> None:
@@ -226,26 +243,51 @@ class Hub:
             del self._channels[key]
 
     def _flush(self, key: TaskKey, channel: Channel) -> None:
-        """Write what the live subscribers have not had yet: the same bytes to each."""
+        """Write what the live subscribers have not had yet: the same bytes to each.
+
+        Live subscribers nearly always share one cursor (the first one seen
+        here): they take its pieces with no lookup, and are counted together
+        at the end. One with another cursor, or whose socket fills, is
+        counted by itself.
+        """
         channel.flush_pending = False
         channel.active_at = asyncio.get_running_loop().time()
-        pieces_after: dict[int, list[tuple[bytes, int, bool]] | None] = {}
+        pieces_after: dict[int, list[Piece] | None] = {}
         latest = channel.events[-1] if channel.events else None
         end_seq = latest.seq if latest is not None and latest.terminal else None
-        for sub in list(channel.subs):
+        common: list[Piece] = []  # the pieces of the first live cursor
+        common_after = -1  # that cursor (none yet)
+        subs = list(channel.subs)
+        outside = 0  # subscribers not written the common pieces in full
+        counted: list[tuple[list[Piece], Subscriber]] = []  # written other pieces, or stopped partway
+        for sub in subs:
             if sub.task is not None or sub.closed:  # catching up by itself, or gone
+                outside += 1
                 continue
             after = sub.after
-            if after not in pieces_after:  # computed once per cursor: all live ones share one
-                batch = self._from_memory(channel, after)
-                pieces_after[after] = None if batch is None else list(self._pieces(batch))
-            pieces = pieces_after[after]
-            if pieces is None:  # memory no longer reaches back to it
-                self._fall_behind(sub)
-                continue
+            if after == common_after:
+                pieces = common
+            else:  # the first live subscriber, or one at another cursor
+                if after not in pieces_after:  # computed once per cursor
+                    batch = self._from_memory(channel, after)
+                    pieces_after[after] = None if batch is None else list(self._pieces(batch))
+                found = pieces_after[after]
+                if found is None:  # memory no longer reaches back to it
+                    outside += 1
+                    self._fall_behind(sub)
+                    continue
+                pieces = found
+                if common_after < 0:
+                    common, common_after = pieces, after
+                else:
+                    outside += 1
+                    counted.append((pieces, sub))
             sink = sub.sink
-            for data, last, terminal in pieces:
+            for data, last, terminal, _count in pieces:
                 if sink.paused:
+                    if pieces is common:
+                        outside += 1
+                        counted.append((pieces, sub))
                     self._fall_behind(sub)
                     break
                 sink.write(data)
@@ -256,6 +298,17 @@ class Hub:
             else:
                 if end_seq is not None and sub.after >= end_seq:  # it resumed past the end
                     self._end(sub)
+        if common:
+            sinks = len(subs) - outside
+            for data, _last, _terminal, count in common:
+                self.delivered += sinks * count
+                self.bytes_written += sinks * len(data)
+        for pieces, sub in counted:
+            for data, last, _terminal, count in pieces:
+                if last > sub.after:  # where it stopped (its socket was full)
+                    break
+                self.delivered += count
+                self.bytes_written += len(data)
 
     # -- HTTP side --------------------------------------------------------------
 
@@ -384,6 +437,8 @@ class Hub:
                 return self._end(sub)  # the client has seen the end already
             else:
                 sub.after = after
+                if after:
+                    self.resumes += 1
         except Exception:
             logger.exception("Starting a stream of %s failed", sub.key)
             return self._end(sub, hint=True)
@@ -399,6 +454,7 @@ class Hub:
                 batch = self._from_memory(channel, sub.after)
                 if batch is None:
                     batch = await self._history.read(sub.key, sub.after, self._history_size)
+                    logged = bool(batch)
                     if channel.events:  # it may have filled while we read the log
                         first_in_memory = channel.events[0].seq
                         batch = [e for e in batch if e.seq < first_in_memory]
@@ -406,14 +462,18 @@ class Hub:
                             # A gap the log does not fill (persistence off), or
                             # memory caught up meanwhile: go on from memory,
                             # never back before what this client already has.
+                            if sub.after < first_in_memory - 1 and not logged:
+                                self.resumes_incomplete += 1  # nothing anywhere between: skipped
                             sub.after = max(sub.after, first_in_memory - 1)
                             continue
                 if batch:
-                    data, sub.after, terminal = next(self._pieces(batch))
+                    data, sub.after, terminal, count = next(self._pieces(batch))
                     # Held no longer than this write: a client that reads nothing
                     # keeps one chunk in its socket's buffer, not a log batch.
                     del batch
                     sink.write(data)
+                    self.delivered += count
+                    self.bytes_written += len(data)
                     del data
                     if terminal:
                         return self._end(sub)
@@ -437,6 +497,7 @@ class Hub:
             return True
         except TimeoutError:
             logger.info("Disconnecting a client of %s: it read nothing for %ss", sub.key, self.send_timeout)
+            self.cut_off += 1
             sub.sink.abort()
             self.detach(sub)
             return False
@@ -511,22 +572,22 @@ class Hub:
             return None
         return events[bisect_right(events, after, key=_seq) :]
 
-    def _pieces(self, batch: list[Event]) -> Iterator[tuple[bytes, int, bool]]:
+    def _pieces(self, batch: list[Event]) -> Iterator[Piece]:
         """``batch`` as chunks of at most MAX_CHUNK_BYTES (an event is never split),
-        each with its last seq and whether it ends the stream."""
+        each with its last seq, whether it ends the stream and its number of events."""
         parts: list[bytes] = []
         size = 0
         for event in batch:
             parts.append(event.sse)
             size += len(event.sse)
             if event.terminal:
-                yield b"".join(parts), event.seq, True
+                yield b"".join(parts), event.seq, True, len(parts)
                 return
             if size >= self._max_chunk:
-                yield b"".join(parts), event.seq, False
+                yield b"".join(parts), event.seq, False, len(parts)
                 parts, size = [], 0
         if parts:
-            yield b"".join(parts), batch[-1].seq, False
+            yield b"".join(parts), batch[-1].seq, False, len(parts)
 
     @property
     def closing(self) -> bool:

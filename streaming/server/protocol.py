@@ -53,6 +53,7 @@ class ServerLimits:
         self.header_timeout = header_timeout
         self.max_header_bytes = max_header_bytes
         self.open = 0
+        self.accepted = 0  # connections taken in since start, probe-only ones included
         self.probing = 0  # connections past the limit, for /health and /ready (PROBE_RESERVE)
         self.release = self._release  # bound once: every taken-over stream's on_close
         self.refused = RateLimitedLog(
@@ -181,6 +182,7 @@ class StreamingHttpProtocol(HttpToolsProtocol):
             # a few more connections, for /health and /ready only, with a short
             # head timeout.
             limits.probing += 1
+            limits.accepted += 1
             self.probe_only = True
             super().connection_made(transport)
             timeout = min(limits.header_timeout, PROBE_HEAD_SECONDS)
@@ -195,6 +197,7 @@ class StreamingHttpProtocol(HttpToolsProtocol):
             limits.refused.add()
             return
         limits.open += 1
+        limits.accepted += 1
         super().connection_made(transport)
         self._head_timer = self.loop.call_later(limits.header_timeout, self._head_timed_out)
 

@@ -15,6 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ..conf import get_settings
 from ..web.app import StreamingApp, built
+from ..web.metrics import connection_counts
 from .protocol import ServerLimits, StreamingHttpProtocol
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,9 @@ def make_config(
     streaming_app = streaming_app or app
     protocol: type[StreamingHttpProtocol] | None = None
     if streaming_app is not None:
-        attributes = {"streaming_app": streaming_app, "limits": ServerLimits.from_settings(get_settings())}
+        limits = ServerLimits.from_settings(get_settings())
+        connection_counts[streaming_app] = limits  # for /metrics
+        attributes = {"streaming_app": streaming_app, "limits": limits}
         protocol = type("StreamingHttpProtocol", (StreamingHttpProtocol,), attributes)
     return uvicorn.Config(
         app,

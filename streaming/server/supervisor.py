@@ -2,13 +2,17 @@
 processes, restarted if they die) and --reload (a server process, restarted
 when code changes)."""
 
+import contextlib
 import functools
 import importlib.util
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
@@ -16,6 +20,7 @@ from django.conf import settings
 from uvicorn.supervisors import ChangeReload
 
 from ..conf import get_settings
+from ..web.metrics import MULTIPROCESS_DIR
 from .serve import make_config
 from .worker import run_reloaded, run_worker
 
@@ -24,6 +29,46 @@ logger = logging.getLogger(__name__)
 
 def serve_workers(workers: int, *, host: str, port: int, uds: str | None, log_level: str) -> None:
     """Bind once, run ``workers`` processes on the socket, restart any that dies."""
+    with shared_metrics_dir() as metrics_dir:
+        _serve_workers(workers, host=host, port=port, uds=uds, log_level=log_level, metrics_dir=metrics_dir)
+
+
+@contextlib.contextmanager
+def shared_metrics_dir() -> Iterator[str | None]:
+    """With METRICS on, the directory where the workers' metrics meet
+    (PROMETHEUS_MULTIPROC_DIR, read by prometheus-client in each worker): a
+    temporary one, removed at the end, unless the environment names one."""
+    if not get_settings().METRICS:
+        yield None
+        return
+    given = os.environ.get(MULTIPROCESS_DIR)
+    if given:
+        yield given
+        return
+    path = tempfile.mkdtemp(prefix="streaming-metrics-")
+    os.environ[MULTIPROCESS_DIR] = path  # the spawned workers inherit it
+    logger.info("Metrics: the workers' figures meet in %s (removed at exit)", path)
+    try:
+        yield path
+    finally:
+        del os.environ[MULTIPROCESS_DIR]
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _forget_worker(metrics_dir: str | None, pid: int | None) -> None:
+    """A dead worker's gauges (its open streams, ...) no longer count."""
+    if metrics_dir is None or pid is None:
+        return
+    try:
+        from prometheus_client.multiprocess import mark_process_dead
+    except ImportError:
+        return
+    mark_process_dead(pid, metrics_dir)
+
+
+def _serve_workers(
+    workers: int, *, host: str, port: int, uds: str | None, log_level: str, metrics_dir: str | None
+) -> None:
     config = make_config(None, host=host, port=port, uds=uds, log_level=log_level)
     sock = config.bind_socket()
     context = multiprocessing.get_context("spawn")
@@ -50,6 +95,7 @@ def serve_workers(workers: int, *, host: str, port: int, uds: str | None, log_le
         for i, process in enumerate(processes):
             if not process.is_alive() and not stopping:
                 logger.warning("Worker %s exited with %s; starting another", process.pid, process.exitcode)
+                _forget_worker(metrics_dir, process.pid)
                 processes[i] = start()
         time.sleep(0.5)
     for process in processes:

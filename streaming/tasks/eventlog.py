@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 
 from asgiref.sync import sync_to_async
 
@@ -20,9 +21,25 @@ class EventLog:
         self._lock = asyncio.Lock()
         self._full = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.written = 0  # events written since start (web/metrics.py reads these)
+        self._waiting_since: float | None = None  # monotonic time the oldest pending event came
+        self._writing = 0  # events of the batch being written
+        self._writing_since: float | None = None  # when its oldest came
+
+    @property
+    def pending(self) -> int:
+        """Events appended and not yet written (the batch being written included)."""
+        return len(self._pending) + self._writing
+
+    def lag(self) -> float:
+        """How long the oldest event not yet written has waited, in seconds (0: none waits)."""
+        since = [t for t in (self._waiting_since, self._writing_since) if t is not None]
+        return time.monotonic() - min(since) if since else 0.0
 
     def append(self, key: TaskKey, event: Event, fence: store.Fence | None = None) -> None:
         """Queue ``event`` for the log; with a ``fence``, only while that run holds the task."""
+        if not self._pending:
+            self._waiting_since = time.monotonic()
         self._pending.append((key, event, fence))
         if len(self._pending) >= self.batch_size:
             self._full.set()
@@ -33,11 +50,16 @@ class EventLog:
             batch, self._pending = self._pending, []
             if not batch:
                 return
+            self._writing_since, self._waiting_since = self._waiting_since, None
+            self._writing = len(batch)
             written = 0
             try:
                 for start in range(0, len(batch), self.batch_size):
-                    dropped = await sync_to_async(store.write_log)(batch[start : start + self.batch_size])
+                    part = batch[start : start + self.batch_size]
+                    dropped = await sync_to_async(store.write_log)(part)
                     written = start + self.batch_size
+                    self._writing -= len(part)
+                    self.written += len(part) - len(dropped)
                     for key, event, fence in dropped:
                         assert fence is not None  # only fenced rows are dropped
                         logger.warning(
@@ -50,7 +72,12 @@ class EventLog:
                 # Failed or cancelled: keep what is not surely written for the
                 # next flush (a write that did land is skipped as a duplicate).
                 self._pending[:0] = batch[written:]
+                if self._writing_since is not None:  # those events have waited since then
+                    self._waiting_since = self._writing_since
                 raise
+            finally:
+                self._writing = 0
+                self._writing_since = None
 
     async def read(self, key: TaskKey, after: int, limit: int) -> list[Event]:
         await self.flush()

@@ -50,6 +50,7 @@ class TaskRun:
         self.cancel_requested = False
         self.lease_lost = False
         self.deadline = math.inf
+        self.began = time.monotonic()  # claimed (for its duration in logs and metrics)
         self.task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._reserve_lock = asyncio.Lock()

@@ -4,9 +4,10 @@ import asyncio
 import logging
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from asgiref.sync import sync_to_async
+from django.utils import timezone
 
 from ..conf import lease_margin
 from ..events import CANCELLED, COMPLETE, ERROR, RETRY, to_json_value
@@ -25,6 +26,24 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOG_WAIT_EVERY = 5.0  # seconds between "still waiting for ..." lines of a graceful shutdown
+
+# How a run ended, besides the row's final statuses (completed, failed, cancelled):
+HANDED_BACK = "handed_back"  # the server stopped under it; pending again for another runner
+LOST = "lost"  # its lease was lost: another node owns the task now
+
+
+class RunObserver(Protocol):
+    """Told of each task this runner claims, ends and recovers (web/metrics.py); a
+    few calls per task, none per event."""
+
+    def claimed(self, run: TaskRun, waited: float | None) -> None:
+        """``waited``: seconds from the row's creation to this claim (a first attempt), else None."""
+
+    def ended(self, run: TaskRun, outcome: str, seconds: float) -> None:
+        """``outcome``: the final status written, HANDED_BACK or LOST; ``seconds`` since the claim."""
+
+    def recovered(self, model: type[StreamTask], requeued: bool) -> None:
+        """A task whose server died was taken over: requeued (RETRY) or failed."""
 
 
 class Runner:
@@ -54,6 +73,7 @@ class Runner:
         self._watch_task: asyncio.Task[None] | None = None
         self._step_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.observer: RunObserver | None = None
 
     # -- wake-ups -----------------------------------------------------------------
 
@@ -181,8 +201,45 @@ class Runner:
             run.hold_until(began + self.lease_span)
             self.runs[run.key] = run
             run.task = asyncio.create_task(self._execute(run), name=f"streaming-task {run.key}")
+            self._started(run)
         if claims:
             self.hub.started([(TaskKey.of(claim.instance), claim.first_seq - 1) for claim in claims])
+
+    def _started(self, run: TaskRun) -> None:
+        instance = run.instance
+        waited = None
+        if run.attempt == 1 and instance.started_at and instance.created_at:
+            waited = max(0.0, (instance.started_at - instance.created_at).total_seconds())
+        if waited is None:
+            logger.info("Started %s (attempt %d)", run.key, run.attempt, extra=_fields(run))
+        else:
+            logger.info(
+                "Started %s (attempt %d, %.3f s after it was created)",
+                run.key,
+                run.attempt,
+                waited,
+                extra=_fields(run, waited),
+            )
+        if self.observer is not None:
+            self.observer.claimed(run, waited)
+
+    def _ended(self, run: TaskRun, outcome: str, error_type: str | None = None) -> None:
+        seconds = time.monotonic() - run.began
+        extra = {**_fields(run, seconds), "outcome": outcome}
+        if outcome == Status.FAILED:
+            logger.warning(
+                "Task %s failed: %s (attempt %d, %.3f s)",
+                run.key,
+                error_type or "Error",
+                run.attempt,
+                seconds,
+                extra=extra,
+            )
+        else:
+            line = "Task %s %s (attempt %d, %.3f s)"
+            logger.info(line, run.key, outcome, run.attempt, seconds, extra=extra)
+        if self.observer is not None:
+            self.observer.ended(run, outcome, seconds)
 
     def _running_by_model(self) -> store.Running:
         running: store.Running = {}
@@ -231,14 +288,23 @@ class Runner:
                 continue
             if item is None:
                 continue
+            ran = (timezone.now() - item.started_at).total_seconds() if item.started_at else None
+            logger.warning(
+                "Recovered %s: its server died (attempt %d, claimed %s s before); %s",
+                key,
+                item.attempt,
+                "?" if ran is None else f"{ran:.3f}",
+                "running it again" if item.requeued else "failed by its policy",
+                extra={"task_key": str(key), "attempt": item.attempt, "duration": ran},
+            )
             if item.requeued:
-                logger.warning("Recovered %s: its server died; running it again", key)
                 self.wake()
             else:
-                logger.warning("Recovered %s: its server died; failed by its policy", key)
                 if item.event is not None:  # always, for a task that was failed
                     await self.hub.publish(key, item.event)
                 await self._ended_elsewhere(model, pk, Status.FAILED)
+            if self.observer is not None:
+                self.observer.recovered(model, item.requeued)
 
     async def _salvage(self, model: type[StreamTask], key: TaskKey) -> None:
         """Log what the dead run published but could not write: with Redis, its
@@ -293,6 +359,7 @@ class Runner:
                         {"message": "Task cancelled"},
                     )
                 elif run.lease_lost:
+                    self._ended(run, LOST)
                     return  # another runner owns the task now
                 elif self._stopping and requested:
                     await self._interrupted(run)
@@ -316,14 +383,15 @@ class Runner:
                 self._end_durably(run, status, event_type, data, final_value, error_text)
             )
             try:
-                await asyncio.shield(finishing)
+                won = await asyncio.shield(finishing)
             except asyncio.CancelledError:
                 current = asyncio.current_task()
                 if current is not None:  # always: _execute() runs as a task
                     current.uncancel()
-                await finishing
-            if finishing.result():
-                await self._ended(run, status)
+                won = await finishing
+            self._ended(run, status if won else LOST, data.get("type"))
+            if won:
+                await self._call_on_end(run, status)
         except Exception:
             logger.exception("Ending task %s failed; its lease will expire", run.key)
         finally:
@@ -331,7 +399,7 @@ class Runner:
             self.runs.pop(run.key, None)
             self.hub.run_stopped(run.key)
 
-    async def _ended(self, run: TaskRun, status: str) -> None:
+    async def _call_on_end(self, run: TaskRun, status: str) -> None:
         try:
             await run.instance.on_end(status)
         except Exception:
@@ -380,11 +448,19 @@ class Runner:
         if run.instance.recovery == Recovery.RETRY and run.instance.attempts < run.instance.max_attempts:
             await sync_to_async(store.finish)(run.model, run.pk, self.owner, Status.PENDING, None)
             logger.info("Handed %s back; another runner (or the next start) takes it up", run.key)
+            self._ended(run, HANDED_BACK)
             await self.transport.wake()
             return
         message = "Task interrupted: the server shut down"
-        if await run.end(Status.FAILED, ERROR, {"message": message, "type": "Interrupted"}, error=message):
-            await self._ended(run, Status.FAILED)
+        won = await run.end(Status.FAILED, ERROR, {"message": message, "type": "Interrupted"}, error=message)
+        self._ended(run, Status.FAILED if won else LOST, "Interrupted")
+        if won:
+            await self._call_on_end(run, Status.FAILED)
+
+
+def _fields(run: TaskRun, seconds: float | None = None) -> dict[str, Any]:
+    """A run's log line's fields for structured log handlers (``record.task_key`` ...)."""
+    return {"task_key": str(run.key), "attempt": run.attempt, "duration": seconds}
 
 
 def _failure(run: TaskRun, exc: BaseException) -> tuple[Status, str, dict[str, str], str]:

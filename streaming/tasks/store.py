@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.db import OperationalError, connection, connections, transaction
@@ -266,6 +266,8 @@ class Recovered:
     pk: object
     requeued: bool
     event: Event | None  # the error event written when the task was failed
+    attempt: int = 0  # the dead run's
+    started_at: datetime | None = None  # when the dead run was claimed
 
 
 def take_orphans(
@@ -308,7 +310,7 @@ def settle_orphan(model: type[StreamTask], pk: object, owner: str) -> Recovered 
         # Read on the row: a class's options, or a model's per-row fields of the same names.
         if task.recovery == Recovery.RETRY and task.attempts < task.max_attempts:
             model.objects.filter(pk=pk).update(status=Status.PENDING, lease_owner=None, lease_expires_at=None)
-            return Recovered(model, pk, True, None)
+            return Recovered(model, pk, True, None, task.attempts, task.started_at)
         if task.recovery == Recovery.RETRY:
             message = f"Task interrupted on each of its {task.attempts} attempts; giving up"
         else:
@@ -324,7 +326,7 @@ def settle_orphan(model: type[StreamTask], pk: object, owner: str) -> Recovered 
         )
         if not finish(model, pk, owner, Status.FAILED, event, error=message):
             return None
-        return Recovered(model, pk, False, event)
+        return Recovered(model, pk, False, event, task.attempts, task.started_at)
 
 
 def logged_after(key: TaskKey) -> int:

@@ -65,6 +65,11 @@ class Transport(ABC):
         """What catch-up reads come from, given the event log (default: the log)."""
         return log
 
+    @property
+    def backlog(self) -> int:
+        """Events published here and not yet handed to the broker (the metrics' outbox backlog)."""
+        return 0
+
     async def check(self) -> None:  # noqa: B027 - optional hook
         """Raise if the broker cannot be reached now (readiness)."""
 

@@ -134,6 +134,7 @@ class RedisTransport(Transport):
         self._watch_changed = asyncio.Event()
         self._outbox: list[tuple[TaskKey, Event]] = []
         self._outbox_ready = asyncio.Event()
+        self._sending = 0  # events of the outbox batch in flight
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -148,6 +149,10 @@ class RedisTransport(Transport):
 
     def history(self, log: History) -> History:
         return RedisHistory(self, log)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._outbox) + self._sending
 
     async def check(self) -> None:
         await self.redis.ping()
@@ -183,6 +188,7 @@ class RedisTransport(Transport):
             batch, self._outbox = self._outbox, []
             if not batch:
                 continue
+            self._sending = len(batch)
             try:
                 await self._xadd(batch)
             except asyncio.CancelledError:
@@ -193,6 +199,8 @@ class RedisTransport(Transport):
                 self._outbox[:0] = batch
                 await asyncio.sleep(0.5)
                 self._outbox_ready.set()
+            finally:
+                self._sending = 0
 
     async def _xadd(self, batch: Iterable[tuple[TaskKey, Event]]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -38,6 +38,8 @@ from ..tasks import store
 from ..tasks.registry import UnknownModel, resolve_model
 from .cors import PREFLIGHT_HEADERS, Cors, CrossOrigin
 from .limits import RETRY_AFTER, StreamLimits, client_address
+from .metrics import PATH as METRICS_PATH
+from .metrics import Metrics
 
 if TYPE_CHECKING:
     from ..asgi import ASGIApp, Receive, Send  # at run time asgi imports this module
@@ -164,6 +166,7 @@ class StreamingApp:
         self._starting: asyncio.Future[Node] | None = None
         self._closed = False  # shut down: no request starts the node again
         self._lifespan_seen = False
+        self.metrics: Metrics | None = None  # STREAMING['METRICS'] on: /metrics
         built.add(self)
 
     async def __call__(self, scope: dict[str, Any], receive: "Receive", send: "Send") -> None:
@@ -183,6 +186,9 @@ class StreamingApp:
                 return await _respond(send, Reply(200, "OK"))
             if path == "/ready":  # readiness: it can reach what it needs to serve and run tasks
                 return await _respond(send, await self._readiness())
+            if path == METRICS_PATH and self.metrics is not None:  # else the project's, if any
+                answer = await self.metrics.answer(scope["method"], scope["headers"])
+                return await _respond(send, Reply(*answer))
             if path.startswith("/stream/"):
                 return await self._stream_endpoint(scope, receive, send)
         if kind == "websocket" and (
@@ -225,6 +231,8 @@ class StreamingApp:
             raise
         self.node = node
         try:
+            if node.settings.METRICS:
+                self.metrics = Metrics(self, node)
             warn_about_topology(node)
             stopped_with_twisted = not self._lifespan_seen and _stop_with_twisted(self)
             if by_request and not self._lifespan_seen and not stopped_with_twisted:
@@ -263,6 +271,13 @@ class StreamingApp:
                 await asyncio.shield(self._starting)
         if self.node is not None:
             await self.node.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
+
+    @property
+    def stream_limits(self) -> StreamLimits | None:
+        """This process's stream limits and counts (once the node started)."""
+        return self._guards[1] if self._guards else None
 
     async def _readiness(self) -> Reply:
         """200 READY, or 503 saying what this node cannot reach. Probes arriving
@@ -618,6 +633,7 @@ class StreamingApp:
                             await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     except TimeoutError:
                         logger.info("Disconnecting a stream client: it read nothing for %ss", send_timeout)
+                        self.node.hub.cut_off += 1
                         abort = scope.get("extensions", {}).get(ABORT_EXTENSION)
                         if abort:
                             abort()

@@ -38,6 +38,8 @@ class StreamLimits:
         self.max_per_client = settings.MAX_STREAMS_PER_CLIENT
         self.max_per_task = settings.MAX_STREAMS_PER_TASK
         self.open = 0
+        self.opened = 0  # streams admitted since start (web/metrics.py reads these counts)
+        self.refusals = {"streams": 0, "per_client": 0, "per_task": 0}  # by the limit that refused
         self.per_client: dict[str, int] = {}
         self.per_task: dict[TaskKey, int] = {}
         self.refused = RateLimitedLog(
@@ -59,13 +61,15 @@ class StreamLimits:
         if isinstance(keys, TaskKey):
             keys = (keys,)
         if self.open >= self.max_streams:
-            return self._refuse(f"Server at its stream limit ({self.max_streams} open streams)")
+            return self._refuse("streams", f"Server at its stream limit ({self.max_streams} open streams)")
         if client is not None and self.per_client.get(client, 0) >= self.max_per_client:
-            return self._refuse(f"Too many streams from {client} (at most {self.max_per_client})")
+            reason = f"Too many streams from {client} (at most {self.max_per_client})"
+            return self._refuse("per_client", reason)
         per_task = self.per_task
         if self.max_per_task is not None and any(per_task.get(key, 0) >= self.max_per_task for key in keys):
-            return self._refuse(f"Too many streams of this task (at most {self.max_per_task})")
+            return self._refuse("per_task", f"Too many streams of this task (at most {self.max_per_task})")
         self.open += 1
+        self.opened += 1
         if client is not None:
             self.per_client[client] = self.per_client.get(client, 0) + 1
         if self.max_per_task is not None:
@@ -87,7 +91,8 @@ class StreamLimits:
 
         return release
 
-    def _refuse(self, reason: str) -> str:
+    def _refuse(self, limit: str, reason: str) -> str:
+        self.refusals[limit] += 1
         self.refused.add()
         return reason
 
@@ -101,11 +106,13 @@ class RateLimitedLog:
     def __init__(self, level: int, message: str) -> None:
         self.level = level
         self.message = message  # formatted with the count
-        self.count = 0
+        self.count = 0  # since the last line
+        self.total = 0  # since start
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self) -> None:
         self.count += 1
+        self.total += 1
         if self._timer is None:
             self._tick()
 
