@@ -293,7 +293,7 @@ export function watchTask(target, options = {}) {
   const controller = new AbortController();
   const outcomeSlot = deferred();
   let cursor = after === null || after === undefined ? null : Number(after);
-  let current = "connecting";
+  let current = null;
 
   const setState = (state, detail) => {
     if (current === state && state !== "reconnecting") return;
@@ -390,7 +390,7 @@ export function watchStreams({tasks = [], feeds = []} = {}, options = {}) {
   const controller = new AbortController();
   const doneSlot = deferred();
   const known = new Map(); // key -> {name, cursor, ended, slot, listed}
-  let current = "connecting";
+  let current = null;
 
   const track = (name, listed) => {
     const key = taskKey(name);
