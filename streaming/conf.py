@@ -91,6 +91,13 @@ class StreamingSettings:
     # untrusted one in that header. Others are counted by their own address.
     TRUSTED_PROXIES: tuple[str, ...] = ("127.0.0.1", "::1")
 
+    # -- The dashboard (streaming.urls) --
+    # Who may open it: the dotted path of a function (user) -> bool, e.g.
+    # "myproject.access.may_see_tasks". None: active staff users. Past this
+    # gate, each model's tasks still need its view permission, and actions
+    # its change (cancel, start) or add (re-run) permission.
+    DASHBOARD_ACCESS: str | None = None
+
 
 def lease_margin(settings: StreamingSettings) -> float:
     """The effective LEASE_MARGIN; it must leave a run more than one renewal interval."""
