@@ -80,6 +80,9 @@ class Grant:
     expires_at: float
 
 
+FEED_PK = "*"
+
+
 def task_key(task: "StreamTask") -> TaskKey:
     """The key a token names a task by: its concrete model (a proxy's rows are its model's) and pk."""
     if task.pk is None:
@@ -87,10 +90,19 @@ def task_key(task: "StreamTask") -> TaskKey:
     return TaskKey.of(task)
 
 
+def feed_key(model: "type[StreamTask]") -> TaskKey:
+    """The key a token names a model's feed by (every task of the model)."""
+    return TaskKey.of(model, FEED_PK)
+
+
 def stream_token(
-    tasks: "StreamTask | Iterable[StreamTask]", *, expires_in: float = DEFAULT_EXPIRES_IN
+    tasks: "StreamTask | Iterable[StreamTask]" = (),
+    *,
+    feeds: "Iterable[type[StreamTask]]" = (),
+    expires_in: float = DEFAULT_EXPIRES_IN,
 ) -> str:
-    """A signed token that opens the stream (and JSON status) of ``tasks`` for ``expires_in`` seconds.
+    """A signed token that opens the stream (and JSON status) of ``tasks`` for ``expires_in`` seconds,
+    and the feed of every model in ``feeds`` (all its tasks, on the multiplexed stream).
 
     Mint it in a view of your own, after your own access checks, and hand it
     to the client: ``/stream/<Model>/<id>?token=...`` (a browser's
@@ -99,9 +111,9 @@ def stream_token(
     """
     if isinstance(tasks, Model):  # one task
         tasks = [tasks]
-    keys = sorted({str(task_key(task)) for task in tasks})
+    keys = sorted({str(task_key(task)) for task in tasks} | {str(feed_key(model)) for model in feeds})
     if not keys:
-        raise ValueError("stream_token() needs at least one task")
+        raise ValueError("stream_token() needs at least one task or feed")
     if not 0 < expires_in < MAX_EXPIRY - time.time():  # (NaN fails both)
         raise ValueError(
             f"expires_in must be a positive number of seconds before the year 10000, not {expires_in!r}"

@@ -279,6 +279,21 @@ class StreamTask(models.Model):
         """The async form the server calls: by default ``has_stream_permission()`` in a thread."""
         return await sync_to_async(self.has_stream_permission)(user)
 
+    @classmethod
+    def has_feed_permission(cls, user: "AbstractBaseUser") -> bool:
+        """May ``user`` follow every task of this model (``feed=`` on the multiplexed stream)?
+
+        Asked in a worker thread. The default: the model's ``view`` permission,
+        as for one task, unless the class overrides ``has_stream_permission``
+        (rules per row, e.g. owners): then only superusers, since a feed
+        shows every row. Override both for rules of your own.
+        """
+        if cls.has_stream_permission is not StreamTask.has_stream_permission:
+            return bool(getattr(user, "is_superuser", False))
+        opts = cls._meta
+        has_perm: Callable[[str], bool] = getattr(user, "has_perm", lambda _perm: False)
+        return has_perm(f"{opts.app_label}.view_{opts.model_name}")
+
     def stream_token(self, *, expires_in: float = 300) -> str:
         """A signed token that opens this task's stream for ``expires_in`` seconds.
 

@@ -24,6 +24,7 @@ from .sinks import QueueSink, Sink
 
 if TYPE_CHECKING:
     from ..conf import StreamingSettings
+    from .mux import Mux
 
 RECONNECT_HINT_MS = 1000
 LOOKS_AT_ONCE = 4  # log queries for missed ends running together (the ORM has one thread)
@@ -110,6 +111,7 @@ class Hub:
         self._ticker: asyncio.Task[None] | None = None
         self._looks: set[asyncio.Task[None]] = set()
         self._look_slots = asyncio.Semaphore(LOOKS_AT_ONCE)
+        self._feeds: dict[str, set[Mux]] = {}  # model label -> muxes following its new tasks
 
     async def stop(self) -> None:
         tasks = [*self._looks, *([self._ticker] if self._ticker else [])]
@@ -137,6 +139,9 @@ class Hub:
                                 self._fall_behind(sub)
                             else:
                                 sub.sink.write(KEEPALIVE)
+            for mux in {mux for following in self._feeds.values() for mux in following}:
+                if not mux.views and not mux.sink.paused:  # a feed waiting for its next task
+                    mux.sink.write(KEEPALIVE)
             # Off the ticker: a slow or stuck query must not hold back the
             # next round of keep-alives.
             for key, channel in idle:
@@ -169,6 +174,13 @@ class Hub:
         self._append(key, channel, event)
         self._transport.publish(key, event)
 
+    def started(self, starts: list[tuple[TaskKey, int]]) -> None:
+        """Tasks just claimed by a runner of this process, each with the seq
+        after which its run numbers events: announced here and to every other
+        node, for the feeds (multiplexed streams) that follow their models."""
+        self.announced(starts)
+        self._transport.announce(starts)
+
     def run_stopped(self, key: TaskKey) -> None:
         """This process's run of ``key`` is over. A run that lost its lease sent
         no end: its channel would otherwise stay here, fed by nobody."""
@@ -184,6 +196,15 @@ class Hub:
         channel = self._channels.get(key)
         if channel is not None:
             self._append(key, channel, event)
+
+    def announced(self, starts: list[tuple[TaskKey, int]]) -> None:
+        """Tasks that started running (here or on another node): each feed of
+        their model streams them from their run's first event."""
+        if not self._feeds:
+            return
+        for key, after in starts:
+            for mux in list(self._feeds.get(key.label, ())):
+                mux.add(key, after)
 
     def held_seq(self, key: TaskKey) -> int | None:
         channel = self._channels.get(key)
@@ -256,8 +277,7 @@ class Hub:
             sub.expiry = asyncio.get_running_loop().call_later(max(0.0, ends_in), self.end, sub, last)
         channel.subs.add(sub)
         self._watch(key)
-        if (self._ticker is None or self._ticker.done()) and not self._closing:
-            self._ticker = asyncio.create_task(self._tick(), name="streaming-keepalive")
+        self._keep_alive()
         sub.task = asyncio.create_task(self._start(sub, after), name=f"streaming-subscribe:{key}")
         return sub
 
@@ -277,6 +297,24 @@ class Hub:
         self._unwatch(sub.key)
         if not channel.subs and channel.done and self._channels.get(sub.key) is channel:
             del self._channels[sub.key]
+
+    def follow(self, mux: "Mux") -> None:
+        """``mux`` streams every task of its feeds' models that starts from now on."""
+        for label in mux.feeds:
+            self._feeds.setdefault(label, set()).add(mux)
+        self._keep_alive()
+
+    def _keep_alive(self) -> None:
+        if (self._ticker is None or self._ticker.done()) and not self._closing:
+            self._ticker = asyncio.create_task(self._tick(), name="streaming-keepalive")
+
+    def unfollow(self, mux: "Mux") -> None:
+        for label in mux.feeds:
+            following = self._feeds.get(label)
+            if following is not None:
+                following.discard(mux)
+                if not following:
+                    del self._feeds[label]
 
     def _watch(self, key: TaskKey) -> None:
         count = self._watchers.get(key, 0)
@@ -307,14 +345,8 @@ class Hub:
         sink = QueueSink()
         sub = self.attach(key, after, sink, ends_in=ends_in, last=last)
         try:
-            while True:
-                chunk = sink.take()
-                if chunk is not None:
-                    yield chunk
-                elif sink.ended:
-                    return
-                else:
-                    await sink.wait()
+            async for chunk in sink.consume():
+                yield chunk
         finally:
             self.detach(sub)
 
@@ -348,6 +380,7 @@ class Hub:
             if after is None:  # the seed's rule: the latest event at once, then the rest
                 sub.after = latest.seq - 1 if latest else 0
             elif _ended_by(latest, after):
+                sub.after = after
                 return self._end(sub)  # the client has seen the end already
             else:
                 sub.after = after
@@ -495,9 +528,16 @@ class Hub:
         if parts:
             yield b"".join(parts), batch[-1].seq, False
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     def close_subscriptions(self) -> None:
         """End every stream with a reconnect hint (the server is shutting down)."""
         self._closing = True
         for channel in list(self._channels.values()):
             for sub in list(channel.subs):
                 self._end(sub, hint=True)  # a catch-up task in progress is cancelled
+        for mux in {mux for following in self._feeds.values() for mux in following}:
+            mux.sink.write(retry_hint(RECONNECT_HINT_MS))  # a feed with no task running now
+            mux.end()

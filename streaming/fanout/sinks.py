@@ -1,13 +1,16 @@
 """Sinks: where a subscriber's bytes go. The socket sink is server/sockets.py."""
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 
 class Sink(Protocol):
     """Where one subscriber's bytes go (server/sockets.py's socket, or subscribe()'s queue)."""
 
-    paused: bool  # holds enough unsent data: write nothing more until drain()
+    @property
+    def paused(self) -> bool:
+        """Holds enough unsent data: write nothing more until drain()."""
 
     def write(self, data: bytes) -> None: ...
 
@@ -54,6 +57,17 @@ class QueueSink:
                 self._space.set_result(None)
         return chunk
 
+    async def consume(self) -> AsyncIterator[bytes]:
+        """What is written, chunk by chunk, until the stream ends."""
+        while True:
+            chunk = self.take()
+            if chunk is not None:
+                yield chunk
+            elif self.ended:
+                return
+            else:
+                await self.wait()
+
     async def wait(self) -> None:
         """Until something is written or the stream ends."""
         self._ready = asyncio.get_running_loop().create_future()
@@ -64,8 +78,9 @@ class QueueSink:
 
     async def drain(self) -> None:
         while self.paused and not self.ended:
-            self._space = asyncio.get_running_loop().create_future()
-            await self._space
+            if self._space is None or self._space.done():  # several writers (a mux) share one wait
+                self._space = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._space)
 
     def _wake_consumer(self) -> None:
         if self._ready is not None and not self._ready.done():

@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from ..web.app import Reply, StreamingApp, access_expired, reply_headers
+from ..web.app import OpenedMany, Reply, StreamingApp, access_expired, reply_headers
 
 if TYPE_CHECKING:
     from ..fanout.hub import Hub, Subscriber
+    from ..fanout.mux import Mux
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class SocketStream(asyncio.Protocol):
         "_drained",
         "_opening",
         "_release",
+        "mux",
         "on_close",
         "paused",
         "subscriber",
@@ -90,6 +92,7 @@ class SocketStream(asyncio.Protocol):
         self.transport = transport
         self.paused = False
         self.subscriber: Subscriber | None = None
+        self.mux: Mux | None = None  # a multiplexed stream's tasks (instead of one subscriber)
         self.on_close = on_close  # the server's count of open connections
         self._app = app
         self._broker: Hub | None = None
@@ -136,10 +139,13 @@ class SocketStream(asyncio.Protocol):
             opened.release()
             return  # the client left while we looked the task up
         self._release = opened.release
-        key, after, expires_at = opened.key, opened.after, opened.expires_at
         self.transport.write(stream_head(opened.headers))
-        assert self._app.node is not None  # open_stream() gave a key: the node runs (and is never unset)
+        assert self._app.node is not None  # open_stream() admitted it: the node runs (and is never unset)
         self._broker = self._app.node.hub
+        if isinstance(opened, OpenedMany):
+            self.mux = self._app.attach_many(opened, self)
+            return
+        key, after, expires_at = opened.key, opened.after, opened.expires_at
         if expires_at is None:
             self.subscriber = self._broker.attach(key, after, self)
         else:  # a token's stream ends when the token does (the hub's one timer for it)
@@ -179,6 +185,9 @@ class SocketStream(asyncio.Protocol):
             assert self._broker is not None  # set together with the subscriber
             self._broker.detach(self.subscriber)
             self.subscriber = None
+        if self.mux is not None:
+            self.mux.close()
+            self.mux = None
         self._wake_drain()
 
     # -- Sink ---------------------------------------------------------------------
@@ -191,8 +200,9 @@ class SocketStream(asyncio.Protocol):
 
     async def drain(self) -> None:
         while self.paused and not self.transport.is_closing():
-            self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
+            if self._drained is None or self._drained.done():  # several writers (a mux) share one wait
+                self._drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drained)
 
     def end(self) -> None:
         self.transport.close()  # after what is buffered has been sent...

@@ -181,6 +181,8 @@ class Runner:
             run.hold_until(began + self.lease_span)
             self.runs[run.key] = run
             run.task = asyncio.create_task(self._execute(run), name=f"streaming-task {run.key}")
+        if claims:
+            self.hub.started([(TaskKey.of(claim.instance), claim.first_seq - 1) for claim in claims])
 
     def _running_by_model(self) -> store.Running:
         running: store.Running = {}

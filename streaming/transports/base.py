@@ -39,6 +39,11 @@ class Receiver(Protocol):
         """The newest seq of ``key`` this process holds in memory (None: none)."""
         ...
 
+    def announced(self, starts: list[tuple[TaskKey, int]]) -> None:
+        """Tasks that started running on another node, each with the seq after
+        which its run numbers events (for the feeds)."""
+        ...
+
 
 class Transport(ABC):
     shared: ClassVar[bool] = False  # reaches other processes (so --workers makes sense)
@@ -71,6 +76,9 @@ class Transport(ABC):
     @abstractmethod
     def publish(self, key: TaskKey, event: Event) -> None:
         """Carry an event published here to the other processes (local delivery is the hub's)."""
+
+    def announce(self, starts: list[tuple[TaskKey, int]]) -> None:  # noqa: B027 - optional hook
+        """Tell the other processes these tasks started running here (the hub has told its own)."""
 
     def watch(self, key: TaskKey) -> None:  # noqa: B027 - optional hook
         """This process has its first subscriber of ``key``: deliver its remote events."""

@@ -11,14 +11,15 @@
   clients. Events are fanned out locally by the node's hub (one shared
   list per task, a cursor per client).
 - Runner wake-ups (a task was created, started or cancelled anywhere) go
-  through the pub/sub channel ``streaming:wake``.
+  through the pub/sub channel ``streaming:wake``; announcements of claimed
+  tasks (for the feeds of multiplexed streams) through ``streaming:started``.
 """
 
 import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 try:
     import redis
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 STREAM_PREFIX = "streaming:events:"
 WAKE_CHANNEL = "streaming:wake"
+STARTED_CHANNEL = "streaming:started"  # "<label>:<pk> <seq before its run's first event>", one per line
 READ_BLOCK_MS = 100  # a newly watched task joins the shared read within this
 REDIS_POOL_SIZE = 32  # connections per node for publishing and history reads
 
@@ -227,13 +229,33 @@ class RedisTransport(Transport):
     async def wake(self) -> None:
         await self.redis.publish(WAKE_CHANNEL, b"1")
 
+    def announce(self, starts: list[tuple[TaskKey, int]]) -> None:
+        if starts:
+            payload = "\n".join(f"{key} {after}" for key, after in starts).encode()
+            publishing = asyncio.ensure_future(self.redis.publish(STARTED_CHANNEL, payload))
+            publishing.add_done_callback(_log_failure)
+
+    def _announced(self, payload: bytes) -> None:
+        try:
+            starts = []
+            for line in payload.decode().split("\n"):
+                key, _, after = line.rpartition(" ")
+                starts.append((TaskKey.parse(key), int(after)))
+        except ValueError:  # not ours: nothing to announce
+            logger.warning("Ignoring a malformed announcement on %s", STARTED_CHANNEL)
+            return
+        self.receiver.announced(starts)
+
     async def _listen_wakeups(self) -> None:
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(WAKE_CHANNEL)
-                async for _message in pubsub.listen():
-                    self.on_wake()
+                await pubsub.subscribe(WAKE_CHANNEL, STARTED_CHANNEL)
+                async for message in pubsub.listen():
+                    if message["channel"] == STARTED_CHANNEL.encode():
+                        self._announced(message["data"])
+                    else:
+                        self.on_wake()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -315,6 +337,6 @@ def _unreachable(doing: str, exc: BaseException) -> None:
         logger.warning("Redis unreachable (%s) %s", exc, doing)
 
 
-def _log_failure(task: asyncio.Future[None]) -> None:
+def _log_failure(task: "asyncio.Future[Any]") -> None:
     if not task.cancelled() and task.exception() is not None:
-        logger.warning("Redis wake-up failed: %s", task.exception())
+        logger.warning("Redis publish (a wake-up or an announcement) failed: %s", task.exception())

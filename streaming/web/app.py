@@ -14,7 +14,7 @@ import re
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -29,6 +29,8 @@ from django.http.request import split_domain_port, validate_host
 from .. import access
 from ..conf import StreamingSettings
 from ..events import ERROR, Event, notice
+from ..fanout.mux import Mux
+from ..fanout.sinks import QueueSink, Sink
 from ..keys import TaskKey
 from ..models import Status
 from ..node import Node
@@ -45,6 +47,11 @@ logger = logging.getLogger(__name__)
 host_logger = logging.getLogger("django.security.DisallowedHost")  # where Django reports them
 
 STREAM_PATH = re.compile(r"^/stream/(?:(?P<app>[^/]+)/)?(?P<model>[^/]+)/(?P<pk>[^/]+)/?$")
+MUX_PATH = "/stream/"  # the multiplexed stream: ?task=<Model>/<id>[@<after>]&feed=<Model>
+MUX_TASK = re.compile(r"^(?:(?P<app>[^/@]+)/)?(?P<model>[^/@]+)/(?P<pk>[^/]+?)(?:@(?P<after>[0-9]{1,18}))?$")
+MUX_FEED = re.compile(r"^(?:(?P<app>[^/]+)/)?(?P<model>[^/]+)$")
+MAX_MUX_TASKS = 100  # task= per multiplexed stream
+MAX_FEED_START = 1000  # running tasks a feed starts with, per model (the most recently started)
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -87,6 +94,17 @@ class Opened(NamedTuple):
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
+class OpenedMany(NamedTuple):
+    """A multiplexed stream request that may stream: ``targets`` (each task's
+    key and where it starts) and the models of ``feeds``; the rest as ``Opened``."""
+
+    targets: tuple[tuple[TaskKey, int | None], ...]
+    feeds: "tuple[type[StreamTask], ...]"
+    expires_at: float | None = None
+    release: Callable[[], None] = _admitted_by_nobody
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
 class BadRequest(Exception):
     status = 400
 
@@ -103,6 +121,13 @@ def forbidden(model: "type[StreamTask]", pk: object) -> Forbidden:
     # The same answer whether or not the row exists: ids reveal nothing.
     return Forbidden(
         f"Not allowed to watch {model.stream_name()} {pk}: sign in as a user who may, or use a stream token\n"
+    )
+
+
+def feed_forbidden(model: "type[StreamTask]") -> Forbidden:
+    return Forbidden(
+        f"Not allowed to follow every {model.stream_name()}: "
+        "sign in as a user who may, or use a stream token\n"
     )
 
 
@@ -135,6 +160,7 @@ class StreamingApp:
         self._lookups: dict[tuple[type[StreamTask], object], asyncio.Future[StreamTask | None]] = {}
         self._guards: tuple[Cors, StreamLimits] | None = None  # from the node's settings
         self._ready_check: asyncio.Future[str | None] | None = None
+        self._background: set[asyncio.Future[None]] = set()
         self._starting: asyncio.Future[Node] | None = None
         self._closed = False  # shut down: no request starts the node again
         self._lifespan_seen = False
@@ -281,13 +307,14 @@ class StreamingApp:
         headers: Iterable[tuple[bytes, bytes]],
         *,
         client: str | None = None,
-    ) -> "Reply | Opened":
+    ) -> "Reply | Opened | OpenedMany":
         """Answer a request for a stream: a ``Reply`` (an error, the JSON status,
-        204), or ``Opened`` to start streaming. Shared by the ASGI path and
-        server/protocol.py's direct socket path, so both decide alike: the
-        Host header (ALLOWED_HOSTS), the page's origin (CORS), who may watch
-        (streaming/access.py) and the limits (``client``: the peer's address),
-        once, here; nothing is checked per event."""
+        204), or ``Opened`` (``OpenedMany``: the multiplexed stream) to start
+        streaming. Shared by the ASGI path and server/protocol.py's direct
+        socket path, so both decide alike: the Host header (ALLOWED_HOSTS),
+        the page's origin (CORS), who may watch (streaming/access.py) and the
+        limits (``client``: the peer's address), once, here; nothing is
+        checked per event."""
         header_map = dict(headers)
         host = _request_host(header_map)
         if not _host_allowed(host):
@@ -318,7 +345,7 @@ class StreamingApp:
         )
         if not cors_headers:
             return answer
-        if isinstance(answer, Opened):
+        if isinstance(answer, Opened | OpenedMany):
             return answer._replace(headers=cors_headers)
         return dataclasses.replace(answer, headers=answer.headers + cors_headers)
 
@@ -336,10 +363,14 @@ class StreamingApp:
         cookies: bool,
         client: str | None,
         limits: StreamLimits,
-    ) -> "Reply | Opened":
+    ) -> "Reply | Opened | OpenedMany":
         if method != "GET":
             allow = ((b"allow", b"GET, OPTIONS"),)
             return Reply(405, f"Method {method} not allowed; use GET\n", headers=allow)
+        if path == MUX_PATH:
+            return await self._answer_many(
+                query_string, header_map, cookies=cookies, client=client, limits=limits
+            )
         wants_status = b"application/json" in header_map.get(b"accept", b"")
         expires_at: float | None = None
         try:
@@ -390,6 +421,120 @@ class StreamingApp:
             return Reply(503, f"{admitted}; retry later\n", headers=retry)
         return Opened(key, after, expires_at, admitted)
 
+    async def _answer_many(
+        self,
+        query_string: bytes,
+        header_map: dict[bytes, bytes],
+        *,
+        cookies: bool,
+        client: str | None,
+        limits: StreamLimits,
+    ) -> "Reply | OpenedMany":
+        """The multiplexed stream: every task checked as its own stream would be,
+        one refusal refuses the request."""
+        try:
+            query = parse_qs(query_string.decode("latin-1"), keep_blank_values=True)
+            history_all = _history_all(query)
+            wanted: dict[TaskKey, tuple[type[StreamTask], object, int | None]] = {}
+            for value in query.get("task", []):
+                model, pk, after = _parse_target(value)
+                if after is None and history_all:
+                    after = 0
+                wanted.setdefault(TaskKey.of(model, pk), (model, pk, after))
+            feeds = {_parse_feed(value) for value in query.get("feed", [])}
+            if not wanted and not feeds:
+                raise BadRequest(
+                    "Name the tasks to stream: /stream/?task=<Model>/<id>[@<last event id>]&task=... "
+                    "and/or feed=<Model> (every task of a model that runs)\n"
+                )
+            if len(wanted) > MAX_MUX_TASKS:
+                raise BadRequest(f"Too many tasks: at most {MAX_MUX_TASKS} task= per stream\n")
+            user = None
+            expires_at: float | None = None
+            guarded = [key for key, (model, _, _) in wanted.items() if not model.public_stream]
+            guarded_feeds = [model for model in feeds if not model.public_stream]
+            if guarded or guarded_feeds:
+                try:
+                    token = access.request_token(query, header_map)
+                except ValueError as exc:
+                    raise BadRequest(f"{exc}\n") from None
+                if token is not None:
+                    grant = access.read_token(token)  # InvalidToken, TokenExpired: 401
+                    for key in guarded:
+                        if key not in grant.keys:
+                            model, pk, _ = wanted[key]
+                            raise forbidden(model, pk)
+                    for model in guarded_feeds:
+                        if access.feed_key(model) not in grant.keys:
+                            raise feed_forbidden(model)
+                    expires_at = grant.expires_at
+                else:
+                    session = access.session_key(header_map) if cookies else None
+                    user = await sync_to_async(access.session_user)(session) if session else None
+                    if user is None:
+                        if guarded:
+                            model, pk, _ = wanted[guarded[0]]
+                            raise forbidden(model, pk)
+                        raise feed_forbidden(guarded_feeds[0])
+                    for model in guarded_feeds:
+                        if not await sync_to_async(model.has_feed_permission)(user):
+                            raise feed_forbidden(model)
+            rows = await _rows(wanted.values())
+            for key, (model, pk, _) in wanted.items():
+                task = rows.get(key)
+                if (
+                    user is not None
+                    and not model.public_stream
+                    and (task is None or not await task.ahas_stream_permission(user))
+                ):
+                    raise forbidden(model, pk)
+                if task is None:
+                    raise NotFound(f"{model.stream_name()} {pk} not found\n")
+        except (BadRequest, NotFound, Forbidden) as exc:
+            return Reply(exc.status, str(exc))
+        except access.InvalidToken as exc:
+            challenge = f'Bearer error="invalid_token", error_description="{exc}"'.encode()
+            return Reply(401, f"{exc}\n", headers=((b"www-authenticate", challenge),))
+        targets = tuple((key, after) for key, (_, _, after) in wanted.items())
+        if not feeds and all(after is not None and rows[key].is_finished for key, after in targets):
+            lasts = await sync_to_async(lambda: [store.last_event(key) for key, _ in targets])()
+            seen = [
+                last is not None and after is not None and last.seq <= after
+                for last, (_, after) in zip(lasts, targets, strict=True)
+            ]
+            if all(seen):
+                return Reply(204, "")  # every task had ended before the client's cursors
+        admitted = limits.admit(tuple(wanted), client)
+        if isinstance(admitted, str):
+            retry = ((b"retry-after", str(RETRY_AFTER).encode()),)
+            return Reply(503, f"{admitted}; retry later\n", headers=retry)
+        return OpenedMany(targets, tuple(feeds), expires_at, admitted)
+
+    def attach_many(self, opened: OpenedMany, sink: Sink) -> Mux:
+        """Start a multiplexed stream into ``sink`` (both HTTP paths); the caller
+        calls ``close()`` on the result when the client goes away."""
+        assert self.node is not None  # open_stream() admitted it: the node runs
+        hub = self.node.hub
+        expires_at = opened.expires_at
+        mux = Mux(
+            hub,
+            sink,
+            feeds=frozenset(TaskKey.of(model, "").label for model in opened.feeds),
+            ends_in=None if expires_at is None else expires_at - time.time(),
+        )
+        if expires_at is not None:
+            mux.expire_with(access_expired(expires_at))
+        # Followed before the running tasks are read: a task that starts in
+        # between is announced, not missed (adding one twice is a no-op).
+        hub.follow(mux)
+        for key, after in opened.targets:
+            mux.add(key, after)
+        if opened.feeds:
+            adding = asyncio.ensure_future(_add_running(mux, opened.feeds))
+            self._background.add(adding)
+            adding.add_done_callback(self._background.discard)
+        return mux
+
     async def _find(self, model: "type[StreamTask]", pk: object) -> "StreamTask | None":
         """The task's row. Requests for a row arriving together (a thousand
         watchers of one task) share one query instead of queueing a thousand
@@ -427,12 +572,29 @@ class StreamingApp:
         }
         return Reply(200, json.dumps(body), content_type=b"application/json")
 
-    async def _stream(self, scope: dict[str, Any], receive: "Receive", send: "Send", opened: Opened) -> None:
-        assert self.node is not None  # open_stream() gave a key: the node runs (and is never unset)
-        key, after, expires_at = opened.key, opened.after, opened.expires_at
+    def _chunks(self, opened: "Opened | OpenedMany") -> AsyncGenerator[bytes, None]:
+        assert self.node is not None  # open_stream() admitted it: the node runs (and is never unset)
+        if isinstance(opened, OpenedMany):
+            return self._chunks_of_many(opened)
+        expires_at = opened.expires_at
         ends_in, last = (
             (None, b"") if expires_at is None else (expires_at - time.time(), access_expired(expires_at))
         )
+        return self.node.hub.subscribe(opened.key, opened.after, ends_in=ends_in, last=last)
+
+    async def _chunks_of_many(self, opened: OpenedMany) -> AsyncGenerator[bytes, None]:
+        sink = QueueSink()
+        mux = self.attach_many(opened, sink)
+        try:
+            async for chunk in sink.consume():
+                yield chunk
+        finally:
+            mux.close()
+
+    async def _stream(
+        self, scope: dict[str, Any], receive: "Receive", send: "Send", opened: "Opened | OpenedMany"
+    ) -> None:
+        assert self.node is not None  # open_stream() admitted it: the node runs (and is never unset)
         headers = [*SSE_HEADERS, *opened.headers]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         streaming = asyncio.current_task()
@@ -449,15 +611,13 @@ class StreamingApp:
         watcher = asyncio.create_task(watch_disconnect())
         send_timeout = self.node.settings.CLIENT_SEND_TIMEOUT
         try:
-            async with contextlib.aclosing(
-                self.node.hub.subscribe(key, after, ends_in=ends_in, last=last)
-            ) as chunks:
+            async with contextlib.aclosing(self._chunks(opened)) as chunks:
                 async for chunk in chunks:
                     try:
                         async with asyncio.timeout(send_timeout):
                             await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     except TimeoutError:
-                        logger.info("Disconnecting %s: it read nothing for %ss", key, send_timeout)
+                        logger.info("Disconnecting a stream client: it read nothing for %ss", send_timeout)
                         abort = scope.get("extensions", {}).get(ABORT_EXTENSION)
                         if abort:
                             abort()
@@ -516,16 +676,12 @@ def _parse(
 ) -> "tuple[type[StreamTask], object, int | None, dict[str, list[str]]]":
     match = STREAM_PATH.match(path)
     if not match:
-        raise NotFound("Not found: use /stream/<Model>/<id> or /stream/<app_label>/<Model>/<id>\n")
-    try:
-        model = resolve_model(match["model"], match["app"])
-    except UnknownModel as exc:
-        raise NotFound(f"{exc}\n") from None
-    raw_pk = match["pk"]
-    try:
-        pk = model._meta.pk.to_python(raw_pk)
-    except ValidationError:
-        raise BadRequest(f"Malformed task id {raw_pk!r} for {model.stream_name()}\n") from None
+        raise NotFound(
+            "Not found: use /stream/<Model>/<id>, /stream/<app_label>/<Model>/<id>, "
+            "or /stream/?task=<Model>/<id>&task=... for several\n"
+        )
+    model = _resolve(match["app"], match["model"])
+    pk = _to_pk(model, match["pk"])
     query = parse_qs(query_string.decode("latin-1"), keep_blank_values=True)  # "?token=" is a token
     after = None
     raw_after = headers.get(b"last-event-id", b"").decode("latin-1").strip()
@@ -534,12 +690,73 @@ def _parse(
         if not (raw_after.isascii() and raw_after.isdigit() and len(raw_after) <= 18):
             raise BadRequest(f"Malformed Last-Event-ID {raw_after!r}: expected a non-negative integer\n")
         after = int(raw_after)
-    history = (query.get("history") or [""])[0]
-    if history:
-        if history not in ("all", "1", "true"):
-            raise BadRequest(f"Unknown history value {history!r}: use history=all\n")
+    if _history_all(query):
         after = 0 if after is None else after
     return model, pk, after, query
+
+
+def _history_all(query: dict[str, list[str]]) -> bool:
+    history = (query.get("history") or [""])[0]
+    if history and history not in ("all", "1", "true"):
+        raise BadRequest(f"Unknown history value {history!r}: use history=all\n")
+    return bool(history)
+
+
+def _resolve(app: str | None, name: str) -> "type[StreamTask]":
+    try:
+        return resolve_model(name, app)
+    except UnknownModel as exc:
+        raise NotFound(f"{exc}\n") from None
+
+
+def _to_pk(model: "type[StreamTask]", raw_pk: str) -> object:
+    try:
+        return model._meta.pk.to_python(raw_pk)
+    except ValidationError:
+        raise BadRequest(f"Malformed task id {raw_pk!r} for {model.stream_name()}\n") from None
+
+
+def _parse_target(value: str) -> "tuple[type[StreamTask], object, int | None]":
+    """``task=<Model>/<id>[@<after>]`` (or ``<app_label>/<Model>/<id>...``)."""
+    match = MUX_TASK.match(value)
+    if not match:
+        raise BadRequest(f"Malformed task={value!r}: expected <Model>/<id> or <Model>/<id>@<last event id>\n")
+    model = _resolve(match["app"], match["model"])
+    after = match["after"]
+    return model, _to_pk(model, match["pk"]), None if after is None else int(after)
+
+
+def _parse_feed(value: str) -> "type[StreamTask]":
+    match = MUX_FEED.match(value)
+    if not match:
+        raise BadRequest(f"Malformed feed={value!r}: expected <Model> or <app_label>/<Model>\n")
+    return _resolve(match["app"], match["model"])
+
+
+async def _rows(
+    wanted: "Iterable[tuple[type[StreamTask], object, int | None]]",
+) -> "dict[TaskKey, StreamTask]":
+    """The rows of the tasks named, one query per model."""
+    by_model: dict[type[StreamTask], list[object]] = {}
+    for model, pk, _ in wanted:
+        by_model.setdefault(model, []).append(pk)
+    rows: dict[TaskKey, StreamTask] = {}
+    for model, pks in by_model.items():
+        async for task in model.objects.filter(pk__in=pks):
+            rows[TaskKey.of(task)] = task
+    return rows
+
+
+async def _add_running(mux: Mux, models: "Iterable[type[StreamTask]]") -> None:
+    """A feed starts with its models' running tasks (the most recently started)."""
+    try:
+        for model in models:
+            running = model.objects.filter(status=Status.RUNNING).order_by("-started_at")
+            async for pk in running.values_list("pk", flat=True)[:MAX_FEED_START]:
+                mux.add(TaskKey.of(model, pk), None)
+    except Exception:
+        logger.exception("Reading the running tasks of a feed failed")
+        mux.end()  # the client reconnects and the read is tried again
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -52,20 +52,25 @@ class StreamLimits:
         except ValueError as exc:
             raise ImproperlyConfigured(f"STREAMING['TRUSTED_PROXIES']: {exc}") from None
 
-    def admit(self, key: TaskKey, client: str | None) -> "Callable[[], None] | str":
-        """A release callable for an admitted stream (call it once, when the
-        stream ends), or why it is refused."""
+    def admit(self, keys: "TaskKey | tuple[TaskKey, ...]", client: str | None) -> "Callable[[], None] | str":
+        """A release callable for an admitted stream of one task, or of several
+        (a multiplexed stream: one stream, counted for each of its tasks), to
+        call once when the stream ends; or why it is refused."""
+        if isinstance(keys, TaskKey):
+            keys = (keys,)
         if self.open >= self.max_streams:
             return self._refuse(f"Server at its stream limit ({self.max_streams} open streams)")
         if client is not None and self.per_client.get(client, 0) >= self.max_per_client:
             return self._refuse(f"Too many streams from {client} (at most {self.max_per_client})")
-        if self.max_per_task is not None and self.per_task.get(key, 0) >= self.max_per_task:
+        per_task = self.per_task
+        if self.max_per_task is not None and any(per_task.get(key, 0) >= self.max_per_task for key in keys):
             return self._refuse(f"Too many streams of this task (at most {self.max_per_task})")
         self.open += 1
         if client is not None:
             self.per_client[client] = self.per_client.get(client, 0) + 1
         if self.max_per_task is not None:
-            self.per_task[key] = self.per_task.get(key, 0) + 1
+            for key in keys:
+                self.per_task[key] = self.per_task.get(key, 0) + 1
         released = False
 
         def release() -> None:
@@ -77,7 +82,8 @@ class StreamLimits:
             if client is not None:
                 _decrement(self.per_client, client)
             if self.max_per_task is not None:
-                _decrement(self.per_task, key)
+                for key in keys:
+                    _decrement(self.per_task, key)
 
         return release
 
