@@ -85,7 +85,9 @@ def task_list(request: HttpRequest) -> HttpResponse:
     config = {
         "rows": reverse("streaming:task-rows"),
         "filters": {"model": request.GET.get("model", ""), "status": status or "", "page": page},
-        "feeds": [rows.feed_name(m) for m in models],
+        # The models whose every task the user may follow (has_feed_permission);
+        # the others' rows are shown as loaded.
+        "feeds": [rows.feed_name(m) for m in models if m.has_feed_permission(request.user)],
         "models": {m.stream_name(): rows.model_id(m) for m in viewable},
     }
     return _render(

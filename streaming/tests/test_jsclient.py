@@ -253,3 +253,80 @@ class RestartTests(ClientBrowserCase):
         self.assertIn("retry", [e["type"] for e in log["events"]])
         self.assertEqual(log["result"], {"value": {"ok": 1}})
         self.assertIn("reconnecting", log["states"])
+
+
+class MultiplexedTests(ClientBrowserCase):
+    """watchTasks / watchFeed: many tasks over one connection, a cursor per task."""
+
+    def per_task(self, log: dict) -> dict[str, list[int]]:
+        ids: dict[str, list[int]] = {}
+        for event in log["events"]:
+            if event["key"]:
+                ids.setdefault(event["key"], []).append(event["id"])
+        return ids
+
+    def test_several_tasks_on_one_connection(self):
+        one = ScriptedTask.objects.create(steps=3, delay=0.1, result={"n": 1})
+        two = FragileTask.objects.create(steps=3, delay=0.1, fail_at=3)
+        page = self.open()
+        targets = [f"ScriptedTask/{one.pk}", {"model": "FragileTask", "id": two.pk, "app": "testapp"}]
+        self.start(page, "tasks", targets, history=True)
+        self.wait(page, "() => window.log.done !== null && Object.keys(window.log.results).length === 2")
+        log = self.log(page)
+        self.assertEqual(log["done"], {"value": None})
+        self.assertEqual(log["results"][f"ScriptedTask/{one.pk}"], {"value": {"n": 1}})
+        self.assertEqual(
+            log["results"][f"FragileTask/{two.pk}"],
+            {"error": {"reason": "error", "message": "failing at step 3 as scripted"}},
+        )
+        self.assertEqual(
+            self.per_task(log), {f"ScriptedTask/{one.pk}": [1, 2, 3, 4], f"FragileTask/{two.pk}": [1, 2, 3]}
+        )
+        self.assertEqual(len(log["requests"]), 1)  # one connection for both
+        url = log["requests"][0]["url"]
+        self.assertIn(f"task=ScriptedTask%2F{one.pk}", url)
+        self.assertIn(f"task=testapp%2FFragileTask%2F{two.pk}", url)
+        self.assertEqual(log["states"][-1], "ended")
+
+    def test_resumes_every_task_at_its_cursor_after_a_drop(self):
+        tasks = [ScriptedTask.objects.create(steps=8, delay=0.25) for _ in range(2)]
+        with TcpProxy("127.0.0.1", self.server.port) as proxy:
+            page = self.open(f"http://127.0.0.1:{proxy.port}")
+            self.start(page, "tasks", [f"ScriptedTask/{t.pk}" for t in tasks], history=True)
+            self.wait(page, "() => window.log.events.length >= 6")
+            proxy.reset()
+            self.wait(page, "() => window.log.done !== null", timeout=30)
+        log = self.log(page)
+        self.assertEqual(self.per_task(log), {f"ScriptedTask/{t.pk}": list(range(1, 10)) for t in tasks})
+        self.assertGreaterEqual(len(log["requests"]), 2)
+        resumed = log["requests"][1]["url"]
+        self.assertRegex(resumed, rf"task=ScriptedTask%2F{tasks[0].pk}%40\d+")  # Model/id@cursor
+        self.assertIn("reconnecting", log["states"])
+
+    def test_a_feed_brings_tasks_that_start_later(self):
+        page = self.open()
+        self.start(page, "feed", "testapp/ScriptedTask")
+        self.wait(page, "() => window.log.states.includes('open')")
+        task = ScriptedTask.objects.create(steps=3, delay=0.05)
+        self.wait(page, "() => window.log.events.some((e) => e.type === 'complete')")
+        log = self.log(page)
+        key = f"ScriptedTask/{task.pk}"
+        self.assertEqual(log["tasks"], [key])  # onTask, once
+        self.assertEqual(self.per_task(log), {key: [1, 2, 3, 4]})
+        self.assertIsNone(log["done"])  # a feed stays open
+        page.evaluate("() => window.watch.close()")
+        self.wait(page, "() => window.log.done !== null")
+        self.assertEqual(self.log(page)["states"][-1], "closed")
+        self.assertIn("feed=testapp%2FScriptedTask", log["requests"][0]["url"])
+
+    def test_a_refused_task_refuses_the_whole_request(self):
+        public = ScriptedTask.objects.create(steps=1)
+        private = PrivateTask.objects.create(steps=1)
+        page = self.open()
+        self.start(page, "tasks", [f"ScriptedTask/{public.pk}", f"PrivateTask/{private.pk}"])
+        self.wait(page, "() => window.log.done !== null")
+        log = self.log(page)
+        self.assertEqual(log["done"]["error"]["status"], 403)
+        self.assertIn(f"PrivateTask {private.pk}", log["done"]["error"]["message"])
+        self.assertEqual(len(log["requests"]), 1)
+        self.assertEqual(log["states"][-1], "failed")
