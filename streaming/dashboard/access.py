@@ -30,7 +30,9 @@ def _gate(path: str | None) -> Callable[[Any], bool]:
     try:
         gate = import_string(path)
     except ImportError as exc:
-        raise ImproperlyConfigured(f"STREAMING['DASHBOARD_ACCESS'] = {path!r} cannot be imported: {exc}") from exc
+        raise ImproperlyConfigured(
+            f"STREAMING['DASHBOARD_ACCESS'] = {path!r} cannot be imported: {exc}"
+        ) from exc
     if not callable(gate):
         raise ImproperlyConfigured(f"STREAMING['DASHBOARD_ACCESS'] = {path!r} is not a function")
     return gate

@@ -81,13 +81,14 @@ def _filters(request: HttpRequest) -> tuple[list[type[StreamTask]], str | None, 
 def task_list(request: HttpRequest) -> HttpResponse:
     """The page: filters and an empty table that dashboard.js fills and keeps live."""
     models, status, page = _filters(request)
-    viewable = access.viewable_models(request.user)
+    user: Any = request.user  # signed in: dashboard_view sent anonymous users away
+    viewable = access.viewable_models(user)
     config = {
         "rows": reverse("streaming:task-rows"),
         "filters": {"model": request.GET.get("model", ""), "status": status or "", "page": page},
         # The models whose every task the user may follow (has_feed_permission);
         # the others' rows are shown as loaded.
-        "feeds": [rows.feed_name(m) for m in models if m.has_feed_permission(request.user)],
+        "feeds": [rows.feed_name(m) for m in models if m.has_feed_permission(user)],
         "models": {m.stream_name(): rows.model_id(m) for m in viewable},
     }
     return _render(
@@ -121,9 +122,14 @@ def task_rows(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"tasks": found, "page": page, "has_next": has_next, "page_size": rows.PAGE_SIZE})
 
 
+def rows_url(model: type[StreamTask], pk: object) -> str:
+    """tasks.json for one task: what its page reads when its status changes."""
+    return f"{reverse('streaming:task-rows')}?{urlencode({'model': rows.model_id(model), 'id': str(pk)})}"
+
+
 def _pk(model: type[StreamTask], raw: str, error: Exception) -> Any:
     try:
-        return model._meta.pk.to_python(raw)  # type: ignore[union-attr]
+        return model._meta.pk.to_python(raw)
     except ValidationError:
         raise error from None
 
@@ -147,7 +153,9 @@ def _error(task: StreamTask) -> dict[str, str] | None:
     """A failed task's error type and message, as its error event says (the JSON status's rule)."""
     if task.status != Status.FAILED:
         return None
-    event = TaskEvent.objects.filter(task_type=task._meta.label_lower, task_id=str(task.pk), type="error").last()
+    event = TaskEvent.objects.filter(
+        task_type=task._meta.label_lower, task_id=str(task.pk), type="error"
+    ).last()
     if event is not None:
         data = json.loads(event.payload)
         return {"type": str(data.get("type", "")), "message": str(data.get("message", ""))}
@@ -169,7 +177,7 @@ def task_page(request: HttpRequest, app_label: str, model_name: str, pk: str) ->
     ]
     config = {
         "stream": task.get_stream_path(),
-        "row": f"{reverse('streaming:task-rows')}?{urlencode({'model': rows.model_id(model), 'id': task.pk})}",
+        "row": rows_url(model, task.pk),
         "status": task.status,
     }
     return _render(
@@ -219,7 +227,9 @@ def _name(task: StreamTask) -> str:
 def cancel_task(request: HttpRequest, task: StreamTask) -> HttpResponse:
     status = task.cancel()
     if status in FINISHED_STATUSES:
-        messages.warning(request, f"{_name(task)} had already finished ({status}): nothing to cancel", fail_silently=True)
+        messages.warning(
+            request, f"{_name(task)} had already finished ({status}): nothing to cancel", fail_silently=True
+        )
     else:
         messages.success(request, f"Cancellation requested for {_name(task)}", fail_silently=True)
     return redirect(rows.page_url(type(task), task.pk))

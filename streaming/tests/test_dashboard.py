@@ -19,9 +19,9 @@ from django.test import Client, TestCase, TransactionTestCase, override_settings
 
 from demo.models import ContinueTask, ExampleTask
 from streaming.models import Status
-from streaming.tests.testapp.models import OwnedTask, PrivateTask, ScriptedTask
+from streaming.tests.testapp.models import ScriptedTask
 
-from .support import ServerProcess, wait_for
+from .support import ServerProcess
 from .test_admin import log
 from .test_browser import CHROMIUM, NOT_ON_SQLITE, Browser, browser_missing, require, session_cookie_value
 
@@ -91,7 +91,9 @@ class AccessTests(DashboardCase):
         self.assertEqual(listing.status_code, 200)
         self.assertContains(listing, 'value="demo.ExampleTask"')
         self.assertNotContains(listing, 'value="demo.ContinueTask"')
-        self.assertEqual(listing.context["config"]["feeds"], ["demo/ExampleTask"])  # the one live connection's feeds
+        self.assertEqual(
+            listing.context["config"]["feeds"], ["demo/ExampleTask"]
+        )  # the one live connection's feeds
         self.assertEqual([r["key"] for r in self.rows(client)["tasks"]], [f"ExampleTask/{example.pk}"])
         self.assertEqual(client.get(page(example)).status_code, 200)
         self.assertEqual(client.get(page(waiting)).status_code, 403)
@@ -213,7 +215,9 @@ class TaskPageTests(DashboardCase):
         self.assertEqual(config["row"], f"/streaming/tasks.json?model=demo.ExampleTask&id={task.pk}")
 
     def test_a_failed_task_shows_its_error(self):
-        task = ExampleTask.objects.create(status="failed", error="Traceback (most recent call last)\nKeyError")
+        task = ExampleTask.objects.create(
+            status="failed", error="Traceback (most recent call last)\nKeyError"
+        )
         log(task, "error", payload='{{"message": "missing key", "type": "KeyError"}}')
         response = self.client.get(page(task))
         self.assertContains(response, "<strong>KeyError</strong>: missing key")
@@ -224,7 +228,9 @@ class TaskPageTests(DashboardCase):
         response = self.client.get(page(running))
         self.assertContains(response, "csrfmiddlewaretoken")
         self.assertContains(response, f'action="{page(running)}cancel" data-when="created pending running">')
-        self.assertContains(response, f'action="{page(running)}rerun" data-when="completed failed cancelled" hidden>')
+        self.assertContains(
+            response, f'action="{page(running)}rerun" data-when="completed failed cancelled" hidden>'
+        )
         viewer = grant(User.objects.create_user("viewer", password="pw", is_staff=True), "view_exampletask")
         client = Client()
         client.force_login(viewer)
@@ -248,7 +254,10 @@ class ActionTests(DashboardCase):
         self.assertTrue(ExampleTask.objects.get(pk=task.pk).cancel_requested)
         done = ExampleTask.objects.create(status="completed")
         response = self.client.post(f"{page(done)}cancel")
-        self.assertEqual(self.message(response), f"ExampleTask {done.pk} had already finished (completed): nothing to cancel")
+        self.assertEqual(
+            self.message(response),
+            f"ExampleTask {done.pk} had already finished (completed): nothing to cancel",
+        )
 
     def test_start(self):
         task = ExampleTask.objects.create(status="created")
@@ -306,3 +315,214 @@ class ActionTests(DashboardCase):
         csrf.force_login(self.admin)
         self.assertEqual(csrf.post(f"{page(task)}cancel").status_code, 403)
         self.assertFalse(ExampleTask.objects.get(pk=task.pk).cancel_requested)
+
+
+# Put into every dashboard page before its scripts: records the URL of each
+# request to /stream/ (the page's live connections).
+RECORD_STREAMS = """
+window.streamRequests = [];
+const originalFetch = window.fetch;
+window.fetch = (input, init) => {
+  const url = String(input instanceof Request ? input.url : input);
+  if (url.includes("/stream/")) window.streamRequests.push(url);
+  return originalFetch(input, init);
+};
+"""
+
+
+class DashboardBrowserTests(TransactionTestCase):
+    """The pages in Chromium, signed in as a superuser, against a real server (DEBUG:
+    static files served). Each asserts what the page shows, without reloading."""
+
+    @classmethod
+    def setUpClass(cls):
+        if connection.vendor != "sqlite":
+            raise unittest.SkipTest(NOT_ON_SQLITE)
+        require(browser_missing())
+        super().setUpClass()
+        cls.server = ServerProcess(env={"DJANGO_DEBUG": "1"})
+        cls.addClassCleanup(cls.server.stop)
+        cls.server.start()
+        cls.browser = Browser(CHROMIUM)
+        cls.addClassCleanup(cls.browser.close)
+
+    def setUp(self):
+        self.admin = User.objects.create_superuser("admin", "a@example.com", "pw")
+
+    def open(self, path: str, server: ServerProcess | None = None, width: int = 1280):
+        from .test_browser import Page
+
+        server = server or self.server
+        cookie = {
+            "name": settings.SESSION_COOKIE_NAME,
+            "value": session_cookie_value(self.admin),
+            "url": server.url,
+        }
+
+        def open_page():
+            context = self.browser._browser.new_context(viewport={"width": width, "height": 900})
+            context.add_cookies([cookie])
+            context.add_init_script(RECORD_STREAMS)
+            tab = context.new_page()
+            console: list[str] = []
+            tab.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+            tab.goto(f"{server.url}{path}")
+            return context, tab, console
+
+        opened = Page(self.browser, *self.browser.run(open_page))
+        self.addCleanup(opened.close)
+        return opened
+
+    def wait(self, page, condition: str, arg=None, timeout: float = 20.0):
+        try:
+            return page.browser.run(
+                lambda: page.page.wait_for_function(condition, arg=arg, polling=50, timeout=timeout * 1000),
+                timeout=timeout + 10,
+            )
+        except Exception:
+            state = page.evaluate("() => document.querySelector('main').innerText")
+            self.fail(f"the page never showed {condition} ({arg}): {state}; console: {page.console}")
+
+    def wait_live(self, page):
+        self.wait(page, "() => document.querySelector('[data-live]').dataset.live === 'open'")
+
+    def row(self, page, key: str) -> dict | None:
+        return page.evaluate(
+            """(key) => {
+              const tr = document.querySelector(`tr[data-key="${key}"]`);
+              return tr && {status: tr.dataset.status, text: tr.innerText, index: tr.sectionRowIndex};
+            }""",
+            key,
+        )
+
+    def click(self, page, selector: str):
+        page.browser.run(lambda: page.page.click(selector))
+        page.browser.run(lambda: page.page.wait_for_load_state())
+
+    def events(self, page) -> list[list[str]]:
+        return page.evaluate(
+            "() => [...document.querySelectorAll('#events tbody tr')]"
+            ".map((tr) => [...tr.cells].map((c) => c.innerText))"
+        )
+
+    def test_the_list_updates_live_over_one_connection(self):
+        old = ExampleTask.objects.create(status="completed")
+        page = self.open(LIST)
+        self.wait(page, "(key) => document.querySelector(`tr[data-key='${key}']`)", f"ExampleTask/{old.pk}")
+        self.wait_live(page)
+        page.evaluate("() => { window.sameDocument = true; }")
+        task = ScriptedTask.objects.create(steps=6, delay=0.4, result={"ok": True})
+        key = f"ScriptedTask/{task.pk}"
+        self.wait(page, "(key) => document.querySelector(`tr[data-key='${key}'][data-status=running]`)", key)
+        self.assertEqual(self.row(page, key)["index"], 0)  # newest first: above the old one
+        self.wait(
+            page,
+            "(key) => /Step [3-6]/.test(document.querySelector(`tr[data-key='${key}']`).innerText)",
+            key,
+        )
+        self.wait(
+            page, "(key) => document.querySelector(`tr[data-key='${key}'][data-status=completed]`)", key
+        )
+        row = self.row(page, key)
+        self.assertIn("Completed", row["text"])
+        self.assertIn("complete", row["text"])
+        self.assertTrue(page.evaluate("() => window.sameDocument"))  # never reloaded
+        streams = page.evaluate("() => window.streamRequests")
+        self.assertEqual(len(streams), 1, streams)  # one connection for the whole list
+        self.assertIn("/stream/?feed=", streams[0])
+
+    def test_live_rows_follow_the_filters(self):
+        page = self.open(f"{LIST}?model=demo.ExampleTask")
+        self.wait_live(page)
+        streams = page.evaluate("() => window.streamRequests")
+        self.assertEqual([s.split("?")[1] for s in streams], ["feed=demo%2FExampleTask"])
+        ScriptedTask.objects.create(steps=1)
+        example = ExampleTask.objects.create(total_steps=1, step_delay=0.05)
+        self.wait(
+            page, "(key) => document.querySelector(`tr[data-key='${key}']`)", f"ExampleTask/{example.pk}"
+        )
+        self.assertEqual(page.evaluate("() => document.querySelectorAll('#tasks tbody tr').length"), 1)
+
+    def test_the_task_page_starts_a_task_and_tails_its_log(self):
+        task = ScriptedTask.objects.create(
+            status="created", steps=4, delay=0.3, result={"answer": "<b>42</b>"}
+        )
+        page = self.open(page_path := f"/streaming/testapp/ScriptedTask/{task.pk}/")
+        self.wait(page, "() => document.getElementById('tail-state').dataset.state === 'open'")
+        self.click(page, "form[action$='/start'] button")
+        self.assertEqual(page.page.url, f"{self.server.url}{page_path}")
+        self.assertIn(
+            f"ScriptedTask {task.pk} queued",
+            page.evaluate("() => document.querySelector('.messages').innerText"),
+        )
+        page.evaluate("() => { window.sameDocument = true; }")
+        self.wait(page, "() => document.getElementById('task-status').textContent === 'Completed'")
+        rows = self.events(page)
+        self.assertEqual([r[0] for r in rows], ["1", "2", "3", "4", "5"])
+        self.assertEqual([r[1] for r in rows], ["step"] * 4 + ["complete"])
+        self.assertEqual(json.loads(rows[1][2]), {"step": 2, "attempt": 1})
+        self.wait(page, "() => !document.getElementById('final-value').hidden")
+        shown = page.evaluate("() => document.getElementById('final-value').textContent")
+        self.assertEqual(json.loads(shown), {"answer": "<b>42</b>"})  # as text, not HTML
+        self.assertEqual(page.evaluate("() => document.querySelectorAll('#task-result b').length"), 0)
+        visible = page.evaluate(
+            "() => [...document.querySelectorAll('.actions form')]"
+            ".filter((f) => !f.hidden).map((f) => f.action.split('/').pop())"
+        )
+        self.assertEqual(visible, ["rerun"])
+        self.assertTrue(page.evaluate("() => window.sameDocument"))
+
+    def test_cancel_then_run_again(self):
+        task = ScriptedTask.objects.create(steps=500, delay=0.1)
+        page = self.open(f"/streaming/testapp/ScriptedTask/{task.pk}/")
+        self.wait(page, "() => document.querySelectorAll('#events tbody tr').length >= 2")
+        self.click(page, "form[action$='/cancel'] button")
+        self.assertIn(
+            "Cancellation requested", page.evaluate("() => document.querySelector('.messages').innerText")
+        )
+        self.wait(page, "() => document.getElementById('task-status').textContent === 'Cancelled'")
+        rows = self.events(page)
+        self.assertEqual(rows[-1][1], "cancelled")
+        self.assertEqual([int(r[0]) for r in rows], list(range(1, len(rows) + 1)))
+        self.wait(page, "() => !document.querySelector(\"form[action$='/rerun']\").hidden")
+        self.click(page, "form[action$='/rerun'] button")
+        new = ScriptedTask.objects.latest("pk")
+        self.assertNotEqual(new.pk, task.pk)
+        self.assertEqual(page.page.url, f"{self.server.url}/streaming/testapp/ScriptedTask/{new.pk}/")
+        self.assertIn(
+            f"runs again as ScriptedTask {new.pk}",
+            page.evaluate("() => document.querySelector('.messages').innerText"),
+        )
+        self.wait(page, "() => document.querySelectorAll('#events tbody tr').length >= 1")
+        new.cancel()
+        self.wait(page, "() => document.getElementById('task-status').textContent === 'Cancelled'")
+
+    def test_the_pages_recover_after_the_server_restarts(self):
+        # The class's server: a second server on the same database would run
+        # tasks whose events (in-memory broker) this one's clients never see.
+        server = self.server
+        # RETRY: the restarted server runs it again (a retry event, then its steps anew).
+        task = ScriptedTask.objects.create(status="created", steps=10, delay=0.4, result={"done": 1})
+        listing = self.open(LIST, server)
+        detail = self.open(f"/streaming/testapp/ScriptedTask/{task.pk}/", server)
+        self.wait_live(listing)
+        self.wait(detail, "() => document.getElementById('tail-state').dataset.state === 'open'")
+        task.start()
+        self.wait(detail, "() => document.querySelectorAll('#events tbody tr').length >= 2")
+        server.stop()
+        self.wait(listing, "() => document.querySelector('[data-live]').dataset.live !== 'open'")
+        server.start()
+        self.wait(
+            detail, "() => document.getElementById('task-status').textContent === 'Completed'", timeout=40
+        )
+        seqs = [int(r[0]) for r in self.events(detail)]
+        self.assertEqual(seqs, sorted(set(seqs)), "no line lost to reordering or repeated")
+        types = [r[1] for r in self.events(detail)]
+        self.assertIn("retry", types, self.events(detail))
+        self.assertEqual(types[-1], "complete")
+        self.wait_live(listing)
+        later = ScriptedTask.objects.create(steps=2, delay=0.2)
+        key = f"ScriptedTask/{later.pk}"
+        self.wait(
+            listing, "(key) => document.querySelector(`tr[data-key='${key}'][data-status=completed]`)", key
+        )

@@ -29,7 +29,7 @@ MODULE = "/static/streaming/streaming.js"
 # them out one per connection.
 START = """
 async ([kind, target, options]) => {
-  const client = await import(%r);
+  const client = await import("__MODULE__");
   const log = {events: [], states: [], requests: [], result: null, done: null, tasks: []};
   window.log = log;
   const countingFetch = (input, init) => {
@@ -63,12 +63,14 @@ async ([kind, target, options]) => {
     settled(watch.done, "done");
     log.results = {};
     for (const [key, promise] of watch.results) {
-      promise.then((value) => { log.results[key] = {value}; },
-                   (error) => { log.results[key] = {error: {reason: error.reason, message: error.message}}; });
+      promise.then(
+        (value) => { log.results[key] = {value}; },
+        (error) => { log.results[key] = {error: {reason: error.reason, message: error.message}}; },
+      );
     }
   }
 }
-""" % MODULE
+""".replace("__MODULE__", MODULE)
 
 
 class ClientBrowserCase(TransactionTestCase):
@@ -90,7 +92,9 @@ class ClientBrowserCase(TransactionTestCase):
         origin = origin or self.server.url
         cookies = None
         if user is not None:
-            cookies = [{"name": settings.SESSION_COOKIE_NAME, "value": session_cookie_value(user), "url": origin}]
+            cookies = [
+                {"name": settings.SESSION_COOKIE_NAME, "value": session_cookie_value(user), "url": origin}
+            ]
         page = self.browser.open(f"{origin}/health", cookies)
         self.addCleanup(page.close)
         return page
@@ -167,7 +171,9 @@ class WatchTaskTests(ClientBrowserCase):
         task = ScriptedTask.objects.create(steps=2, result=[1, 2])
         wait_for(lambda: ScriptedTask.objects.get(pk=task.pk).status == "completed", message="the task's end")
         page = self.open()
-        self.start(page, "task", {"model": "ScriptedTask", "id": task.pk}, after=3)  # after the complete event
+        self.start(
+            page, "task", {"model": "ScriptedTask", "id": task.pk}, after=3
+        )  # after the complete event
         log = self.finished(page)
         self.assertEqual(log["result"], {"value": {"result": [1, 2]}})  # a list: wrapped as complete sends it
         self.assertEqual(log["events"], [])
@@ -179,7 +185,10 @@ class WatchTaskTests(ClientBrowserCase):
     def test_refusals_are_final_and_say_why(self):
         private = PrivateTask.objects.create(steps=1, delay=5)
         page = self.open()
-        for target, status in ((f"/stream/PrivateTask/{private.pk}", 403), ("/stream/ScriptedTask/999999", 404)):
+        for target, status in (
+            (f"/stream/PrivateTask/{private.pk}", 403),
+            ("/stream/ScriptedTask/999999", 404),
+        ):
             with self.subTest(status=status):
                 self.start(page, "task", target)
                 log = self.finished(page)
@@ -215,7 +224,9 @@ class WatchTaskTests(ClientBrowserCase):
     def test_an_expired_token_without_a_new_one_rejects(self):
         task = PrivateTask.objects.create(steps=20, delay=0.3)
         page = self.open()
-        self.start(page, "task", {"model": "PrivateTask", "id": task.pk}, token=task.stream_token(expires_in=1))
+        self.start(
+            page, "task", {"model": "PrivateTask", "id": task.pk}, token=task.stream_token(expires_in=1)
+        )
         log = self.finished(page)
         self.assertEqual(log["result"]["error"]["reason"], "access_expired")
         self.assertEqual(len(log["requests"]), 1)
