@@ -9,11 +9,13 @@ the pages in Chromium against a real server.
 
 import json
 import unittest
+from io import StringIO
 
 from django.conf import settings
 from django.contrib.auth.models import Permission, User
 from django.contrib.messages import get_messages
 from django.contrib.staticfiles import finders
+from django.core.management import call_command
 from django.db import connection
 from django.test import Client, TestCase, TransactionTestCase, override_settings
 
@@ -526,3 +528,27 @@ class DashboardBrowserTests(TransactionTestCase):
         self.wait(
             listing, "(key) => document.querySelector(`tr[data-key='${key}'][data-status=completed]`)", key
         )
+
+
+class DemoProjectTests(TestCase):
+    def test_the_front_page_links_the_dashboard(self):
+        response = Client().get("/")
+        self.assertContains(response, '<a href="/streaming/">The live dashboard</a>')
+
+    def test_demo_user_makes_a_staff_user_who_may_use_the_dashboard(self):
+        out = StringIO()
+        call_command("demo_user", "--url", "http://127.0.0.1:9999/streaming/", stdout=out)
+        username, password = out.getvalue().split("demo user: ")[1].split("\n")[0].split(" / ")
+        self.assertIn("Dashboard: http://127.0.0.1:9999/streaming/", out.getvalue())
+        client = Client()
+        self.assertTrue(client.login(username=username, password=password))
+        listing = client.get(LIST)
+        self.assertEqual(listing.status_code, 200)
+        self.assertEqual(listing.context["config"]["feeds"], ["demo/ContinueTask", "demo/ExampleTask"])
+        task = ExampleTask.objects.create(status="completed")
+        self.assertEqual(client.post(f"{page(task)}rerun").status_code, 302)  # add
+        user = User.objects.get(username=username)
+        self.assertTrue(user.is_staff)
+        self.assertFalse(user.is_superuser)
+        call_command("demo_user", stdout=StringIO())  # again: a new password
+        self.assertFalse(Client().login(username=username, password=password))
