@@ -485,6 +485,8 @@ class DashboardBrowserTests(TransactionTestCase):
         self.wait(page, "() => document.getElementById('task-status').textContent === 'Cancelled'")
         rows = self.events(page)
         self.assertEqual(rows[-1][1], "cancelled")
+        # The stream ended as it should: not shown as a failure of the live connection.
+        self.assertEqual(page.evaluate("() => document.querySelector('[data-live]').dataset.live"), "ended")
         self.assertEqual([int(r[0]) for r in rows], list(range(1, len(rows) + 1)))
         self.wait(page, "() => !document.querySelector(\"form[action$='/rerun']\").hidden")
         self.click(page, "form[action$='/rerun'] button")

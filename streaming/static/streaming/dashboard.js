@@ -341,15 +341,16 @@ function taskPage() {
   };
 
   const tailState = (state, detail) => {
-    showConnection(state, detail);
+    // A task that failed or was cancelled ended its stream as it should: "failed"
+    // is the tail's own failure only when the server refused it.
+    const ended = state === "failed" && detail.reason !== "http";
+    showConnection(ended ? "ended" : state, detail);
     const texts = {
       connecting: "connecting…", open: "live", reconnecting: "reconnecting…",
       ended: "finished", closed: "stopped",
     };
-    tail.textContent = state === "failed"
-      ? (detail.reason === "http" ? `no live updates: ${detail.message}` : "finished")
-      : texts[state] || state;
-    tail.dataset.state = state === "failed" && detail.reason !== "http" ? "ended" : state;
+    tail.textContent = ended ? texts.ended : state === "failed" ? `no live updates: ${detail.message}` : texts[state] || state;
+    tail.dataset.state = ended ? "ended" : state;
   };
 
   window.streamingTail = watchTask(config.stream, {
