@@ -17,6 +17,7 @@ const STATUS_LABEL = {
   completed: "Completed", failed: "Failed", cancelled: "Cancelled",
 };
 const MAX_EVENT_ROWS = 5000; // the task page drops its oldest rows beyond this
+const MAX_LIST_ROWS = 200; // the list drops its oldest rows beyond this as new tasks arrive
 
 // -- small helpers ---------------------------------------------------------------
 
@@ -186,6 +187,11 @@ function listPage() {
       rows.set(row.key, entry);
       draw(entry);
       place(entry);
+      while (body.rows.length > MAX_LIST_ROWS) {
+        const oldest = body.rows[body.rows.length - 1];
+        rows.delete(oldest.dataset.key);
+        oldest.remove();
+      }
       showState();
     }
     if (fresh) flash(entry.tr);

@@ -461,6 +461,9 @@ export function watchStreams({tasks = [], feeds = []} = {}, options = {}) {
       entry.ended = true;
       const [error, value] = outcome(item.type, data);
       settle(entry.slot, error, value);
+      // A task a feed brought is done with: forget it, so a feed open for days
+      // holds only the tasks still running.
+      if (!entry.listed) known.delete(key);
       if (allEnded()) {
         finish(null);
         return true;
