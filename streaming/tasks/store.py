@@ -6,6 +6,7 @@ ORM thread. Every state change of a task row is conditional on the state the
 caller expects (status, lease owner), so two processes never both win.
 """
 
+import logging
 import os
 import socket
 import uuid
@@ -22,6 +23,8 @@ from django.utils import timezone
 from ..events import ERROR, Event, build_payload
 from ..keys import TaskKey
 from ..models import FINISHED_STATUSES, Recovery, Status, StreamTask, TaskEvent
+
+logger = logging.getLogger(__name__)
 
 SEQ_BLOCK = 1000  # sequence numbers reserved on the row at a time
 # PostgreSQL ends a session that sits this long inside one of our transactions
@@ -120,8 +123,19 @@ def claim_pending(
                 claims.extend(c for pk in pks if (c := _take(model, pk, owner, lease_seconds)))
             continue
         for pk in list(pending.values_list("pk", flat=True)[:wanted]):
-            with bounded_transaction():
-                claim = _take(model, pk, owner, lease_seconds)
+            try:
+                with bounded_transaction():
+                    claim = _take(model, pk, owner, lease_seconds)
+            except Exception:
+                if not claims:
+                    raise
+                # The rows claimed so far are committed: they must run (or
+                # they would sit "running" here with no run until recovery
+                # failed them). The rest waits for the next step.
+                logger.exception(
+                    "Claiming %s %s failed; running the %d claimed", model.__name__, pk, len(claims)
+                )
+                return claims
             if claim:
                 claims.append(claim)
     return claims

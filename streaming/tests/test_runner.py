@@ -782,6 +782,28 @@ class RobustnessTests(RunnerTestCase):
         self.assertEqual(task.status, "pending")
         self.assertIsNone(task.lease_owner)
 
+    async def test_a_claim_failing_partway_runs_the_rows_it_took(self):
+        # SQLite claims row by row, each in its own transaction (PostgreSQL: one
+        # transaction, all or nothing): rows committed before a failure must run,
+        # not sit "running" with no run until recovery fails them.
+        real_take = store._take
+        calls = []
+
+        def failing_second(*args, **kwargs):
+            calls.append(args[1])
+            if len(calls) == 2:
+                raise RuntimeError("database went away")
+            return real_take(*args, **kwargs)
+
+        tasks = [await ScriptedTask.objects.acreate(steps=1) for _ in range(3)]
+        with mock.patch.object(store, "_take", failing_second):
+            async with Node(node_settings()):
+                for task in tasks:
+                    await wait_status(task, "completed", timeout=10)
+        self.assertGreaterEqual(len(calls), 4, "the failed row was claimed again at the next step")
+        for task in tasks:
+            self.assertEqual(task.attempts, 1)
+
     async def test_a_cancelled_flush_keeps_the_events_it_did_not_write(self):
         async with Node(node_settings(EVENT_BATCH_SIZE=100, EVENT_FLUSH_INTERVAL=60)) as node:
             log = node.eventlog
