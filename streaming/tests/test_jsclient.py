@@ -9,8 +9,10 @@ PostgreSQL pass, as test_browser.py is.
 """
 
 import json
+import time
 import unittest
 
+import httpx
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import connection
@@ -76,13 +78,15 @@ async ([kind, target, options]) => {
 class ClientBrowserCase(TransactionTestCase):
     """One DEBUG server (static files served) and one Chromium for the class."""
 
+    server_settings: dict = {}  # STREAMING settings of the class's server
+
     @classmethod
     def setUpClass(cls):
         if connection.vendor != "sqlite":
             raise unittest.SkipTest(NOT_ON_SQLITE)
         require(browser_missing())
         super().setUpClass()
-        cls.server = ServerProcess(env={"DJANGO_DEBUG": "1"})
+        cls.server = ServerProcess(env={"DJANGO_DEBUG": "1"}, **cls.server_settings)
         cls.addClassCleanup(cls.server.stop)
         cls.server.start()
         cls.browser = Browser(CHROMIUM)
@@ -341,3 +345,23 @@ class MultiplexedTests(ClientBrowserCase):
         self.assertIn(f"PrivateTask {private.pk}", log["done"]["error"]["message"])
         self.assertEqual(len(log["requests"]), 1)
         self.assertEqual(log["states"][-1], "failed")
+
+
+class BusyServerTests(ClientBrowserCase):
+    server_settings = {"max_streams_per_task": 1}
+
+    def test_a_503_is_retried_after_retry_after(self):
+        task = ScriptedTask.objects.create(steps=200, delay=0.05, result={"ok": True})
+        # Another client holds the task's one place: the page's first try gets 503, Retry-After: 5.
+        with httpx.stream("GET", f"{self.server.url}/stream/ScriptedTask/{task.pk}", timeout=30) as held:
+            self.assertEqual(held.status_code, 200)
+            page = self.open()
+            self.start(page, "task", {"model": "ScriptedTask", "id": task.pk}, history=True)
+            self.wait(page, "() => window.log.states.includes('reconnecting')")
+        started = time.monotonic()
+        log = self.finished(page, timeout=30)
+        self.assertEqual(log["result"], {"value": {"ok": True}})
+        self.assertContiguous(log["events"], task.pk, 201)
+        self.assertEqual(len(log["requests"]), 2)  # the refused one, then the stream
+        self.assertEqual(log["states"][:3], ["connecting", "reconnecting", "connecting"])
+        self.assertLess(time.monotonic() - started, 20)
