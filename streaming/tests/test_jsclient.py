@@ -192,6 +192,7 @@ class WatchTaskTests(ClientBrowserCase):
         for target, status in (
             (f"/stream/PrivateTask/{private.pk}", 403),
             ("/stream/ScriptedTask/999999", 404),
+            ("/health", 200),  # a page, not a stream: a wrong URL is not retried for ever
         ):
             with self.subTest(status=status):
                 self.start(page, "task", target)

@@ -212,7 +212,14 @@ async function follow({fetchImpl, credentials, signal, request, message, noConte
     if (response !== null && response.status === 204) {
       return noContent();
     }
+    if (response !== null && response.ok && !isEventStream(response)) {
+      // A page, not a stream (a wrong URL or base): waiting will not change it.
+      response.body?.cancel().catch(() => {});
+      const type = response.headers.get("content-type") || "no content type";
+      return fail(new StreamError(`${response.status} but ${type}, not a stream: ${response.url}`, {reason: "http", status: response.status}));
+    }
     if (response !== null && response.ok) {
+      failures = 0; // the server answers: a drop from here on is retried after retry: alone
       state("open");
       let again = false;
       try {
@@ -221,7 +228,6 @@ async function follow({fetchImpl, credentials, signal, request, message, noConte
             retryMs = item.retry;
             continue;
           }
-          failures = 0; // events arrive: this connection is good
           const verdict = message(item);
           if (verdict === true) return;
           if (verdict === "reconnect") {
@@ -249,6 +255,10 @@ async function follow({fetchImpl, credentials, signal, request, message, noConte
     state("reconnecting", {delay});
     await sleep(delay, signal);
   }
+}
+
+function isEventStream(response) {
+  return (response.headers.get("content-type") || "").split(";")[0].trim() === "text/event-stream";
 }
 
 async function resolveToken(token) {
