@@ -501,6 +501,24 @@ class DashboardBrowserTests(TransactionTestCase):
         new.cancel()
         self.wait(page, "() => document.getElementById('task-status').textContent === 'Cancelled'")
 
+    def test_readable_on_a_phone(self):
+        task = ExampleTask.objects.create(
+            status="completed", message="a long message " * 10, final_value={"text": "word " * 60}
+        )
+        log(task, "progress", "complete", payload='{{"message": "{seq} ' + "x" * 300 + '"}}')
+        for path in (LIST, page(task)):
+            with self.subTest(path=path):
+                phone = self.open(path, width=390)
+                self.wait(phone, "() => document.querySelector('tbody tr')")
+                layout = phone.evaluate(
+                    """() => ({
+                      overflow: document.documentElement.scrollWidth - window.innerWidth,
+                      header: getComputedStyle(document.querySelector('thead')).display,
+                    })"""
+                )
+                self.assertLessEqual(layout["overflow"], 0, "no sideways scrolling")
+                self.assertEqual(layout["header"], "none")  # rows are labelled cards instead
+
     def test_the_pages_recover_after_the_server_restarts(self):
         # The class's server: a second server on the same database would run
         # tasks whose events (in-memory broker) this one's clients never see.

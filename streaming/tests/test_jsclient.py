@@ -16,11 +16,13 @@ import httpx
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import connection
+from django.template import Context, Template
 from django.test import TransactionTestCase
 
+from demo.models import ExampleTask
 from streaming.tests.testapp.models import FragileTask, PrivateTask, ScriptedTask
 
-from .support import ServerProcess, wait_for
+from .support import REPO, ServerProcess, wait_for
 from .tcpproxy import TcpProxy
 from .test_browser import CHROMIUM, NOT_ON_SQLITE, Browser, browser_missing, require, session_cookie_value
 
@@ -366,3 +368,24 @@ class BusyServerTests(ClientBrowserCase):
         self.assertEqual(len(log["requests"]), 2)  # the refused one, then the stream
         self.assertEqual(log["states"][:3], ["connecting", "reconnecting", "connecting"])
         self.assertLess(time.monotonic() - started, 20)
+
+
+class ReadmeSnippetTests(ClientBrowserCase):
+    def test_the_readme_template_snippet_works_as_written(self):
+        readme = (REPO / "README.md").read_text()
+        section = readme.split("## JavaScript client", 1)[1]
+        snippet = section.split("```html\n", 1)[1].split("```", 1)[0]
+        # The README's model is a project's own Report; the demo's ExampleTask sends the same progress events.
+        self.assertIn('model: "Report"', snippet)
+        snippet = snippet.replace('model: "Report"', 'model: "ExampleTask"')
+        task = ExampleTask.objects.create(status="created", total_steps=2, step_delay=0.2)
+        html = Template(snippet).render(Context({"report": task}))
+        page = self.open()
+        page.browser.run(lambda: page.page.set_content(html))  # same origin: the server's /health
+        task.start()
+        self.wait(page, "() => document.querySelectorAll('#steps li').length === 2")
+        steps = page.evaluate("() => [...document.querySelectorAll('#steps li')].map((li) => li.textContent)")
+        self.assertEqual(steps, ["Step 1 of 2", "Step 2 of 2"])
+        wait_for(lambda: any(line.startswith("log: done") for line in page.console), message="the done log")
+        done = next(line for line in page.console if line.startswith("log: done"))
+        self.assertIn("Task completed successfully", done)
