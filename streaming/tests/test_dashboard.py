@@ -15,6 +15,7 @@ from django.conf import settings
 from django.contrib.auth.models import Permission, User
 from django.contrib.messages import get_messages
 from django.contrib.staticfiles import finders
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.db import connection
 from django.test import Client, TestCase, TransactionTestCase, override_settings
@@ -125,6 +126,13 @@ class AccessTests(DashboardCase):
         with override_settings(STREAMING={"DASHBOARD_ACCESS": "streaming.tests.test_dashboard.everyone"}):
             self.assertEqual(client.get(LIST).status_code, 200)
         self.assertEqual(client.get(LIST).status_code, 403)
+        with (
+            override_settings(STREAMING={"DASHBOARD_ACCESS": "streaming.tests.nowhere.gate"}),
+            self.assertRaisesMessage(
+                ImproperlyConfigured, "'streaming.tests.nowhere.gate' cannot be imported"
+            ),
+        ):
+            client.get(LIST)
 
 
 class ListTests(DashboardCase):
