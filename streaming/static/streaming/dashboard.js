@@ -279,6 +279,7 @@ function listPage() {
 function taskPage() {
   const body = document.querySelector("#events tbody");
   const empty = document.getElementById("events-empty");
+  const eventsTable = document.getElementById("events-table");
   const tail = document.getElementById("tail-state");
   const statusBadgeNode = document.getElementById("task-status");
   let status = config.status;
@@ -331,6 +332,7 @@ function taskPage() {
 
   const append = (event) => {
     empty.hidden = true;
+    eventsTable.hidden = false;
     const tr = element("tr", {"data-seq": String(event.id)});
     const data = event.data && typeof event.data === "object" ? finalValue(event.data) : event.data;
     const code = element("code", {}, typeof data === "string" ? data : JSON.stringify(data));
