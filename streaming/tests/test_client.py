@@ -132,6 +132,13 @@ class ParsingTests(SimpleTestCase):
 
 
 class ReconnectTests(SimpleTestCase):
+    """(Waits, backoff and Retry-After: test_task_stream.py.)"""
+
+    def setUp(self):
+        sleeping = mock.patch("streaming.client.sync.sleep")  # no real waits between mocked answers
+        self.sleep = sleeping.start()
+        self.addCleanup(sleeping.stop)
+
     def test_a_dropped_stream_resumes_after_the_last_event_not_a_keep_alive(self):
         client, requests = mock_client(
             # Ends (the server went away) after a keep-alive that followed event 2.
@@ -165,7 +172,13 @@ class ReconnectTests(SimpleTestCase):
             refused,
         )
         received: list[Event] = []
-        with client, self.assertRaisesRegex(StreamError, "^connection lost and 2 reconnects failed$"):
+        with (
+            client,
+            self.assertRaisesRegex(
+                StreamError,
+                r"^connection lost and 2 reconnects failed \(last: ConnectError: .*Connection refused\)$",
+            ),
+        ):
             for event in stream_events("http://test/stream/ContinueTask/1", client=client, max_reconnects=2):
                 received.append(event)
         self.assertEqual(received, [Event("started", "1", {"n": 1})])
@@ -175,42 +188,15 @@ class ReconnectTests(SimpleTestCase):
         # A 200 with no event is no progress: it must not reset the count (or the
         # client would reconnect for ever).
         client, requests = mock_client(*(sse_response() for _ in range(3)))
-        with client, self.assertRaisesRegex(StreamError, "^connection lost and 2 reconnects failed$"):
-            list(stream_events("http://test/stream/ContinueTask/1", client=client, max_reconnects=2))
-        self.assertEqual(len(requests), 3)
-
-
-class BusyServerTests(SimpleTestCase):
-    def test_a_503_with_retry_after_is_retried_after_that_long(self):
-        busy = httpx.Response(
-            503, headers={"retry-after": "5"}, text="Server at its stream limit; retry later\n"
-        )
-        client, requests = mock_client(
-            sse_response(b'event: started\ndata: {"n": 1}\nid: 1\n\n'),
-            busy,
-            sse_response(b'event: complete\ndata: {"n": 2}\nid: 2\n\n'),
-        )
-        with mock.patch("streaming.client.time.sleep") as sleep:
-            received = events_of(client)
-        self.assertEqual([e.id for e in received], ["1", "2"])
-        self.assertEqual([r.headers.get("last-event-id") for r in requests], [None, "1", "1"])
-        self.assertEqual([c.args[0] for c in sleep.call_args_list], [0.25, 5.0])
-
-    def test_busy_for_ever_gives_up_after_max_reconnects(self):
-        busy = [httpx.Response(503, headers={"retry-after": "600"}) for _ in range(3)]
-        client, _ = mock_client(*busy)
         with (
-            mock.patch("streaming.client.time.sleep") as sleep,
             client,
-            self.assertRaisesRegex(StreamError, "2 reconnects failed"),
+            self.assertRaisesRegex(
+                StreamError,
+                r"^connection lost and 2 reconnects failed \(last: the server closed the stream\)$",
+            ),
         ):
             list(stream_events("http://test/stream/ContinueTask/1", client=client, max_reconnects=2))
-        self.assertEqual([c.args[0] for c in sleep.call_args_list], [60.0, 60.0])  # capped
-
-    def test_a_503_without_retry_after_raises(self):
-        client, _ = mock_client(httpx.Response(503, text="Streaming node is not running\n"))
-        with self.assertRaisesRegex(StreamHTTPError, "HTTP 503: Streaming node is not running"):
-            events_of(client)
+        self.assertEqual(len(requests), 3)
 
 
 class StatusTests(SimpleTestCase):
@@ -352,3 +338,63 @@ class StreamClientKeepAliveTests(TransactionTestCase):
         self.assertNotIn("MESSAGE", out)
         self.assertGreaterEqual(counter.keepalives_after_first_event, 3)
         self.assertEqual(counter.events, 3)  # the raw reader saw the same stream end
+
+
+class ProgressBarTests(SimpleTestCase):
+    """stream_client.py --progress: what the bar shows for each kind of event."""
+
+    def frames(self, *events: Event) -> list[str]:
+        import io
+        from contextlib import redirect_stdout
+
+        from tqdm import tqdm
+
+        import stream_client
+
+        out = io.StringIO()
+        with redirect_stdout(out):
+            bar = stream_client.ProgressBar(tqdm)
+            for event in events:
+                bar.update(event)
+            bar.close()
+        return [frame for frame in re.split(r"[\r\n]", out.getvalue()) if frame.strip()]
+
+    def assertShown(self, frames: list[str], *patterns: str) -> None:
+        """Each pattern matches a frame, in this order, and the last one the final frame too."""
+        position = 0
+        for pattern in patterns:
+            found = next((i for i in range(position, len(frames)) if re.search(pattern, frames[i])), None)
+            self.assertIsNotNone(found, f"{pattern!r} in {frames[position:]}")
+            position = found
+        self.assertRegex(frames[-1], patterns[-1])  # the bar as it is left
+
+    def test_step_and_total_steps_or_total(self):
+        frames = self.frames(
+            Event("start", "1", {"message": "Go", "total_steps": 4}),
+            Event("progress", "2", {"step": 1, "total_steps": 4, "message": "Step 1 of 4"}),
+            Event("progress", "3", {"step": 3, "total": 4, "message": "Step 3 of 4"}),
+        )
+        self.assertShown(
+            frames, r"^Go:\s+0%.* 0/4 ", r"^Step 1 of 4:\s+25%.* 1/4 ", r"^Step 3 of 4:\s+75%.* 3/4 "
+        )
+
+    def test_a_fraction_from_0_to_1(self):
+        frames = self.frames(
+            Event("progress", "1", {"progress": 0.25}),
+            Event("progress", "2", {"progress": 1.7}),  # clamped
+        )
+        self.assertShown(frames, r"^\s*25%.* 25/100 ", r"^\s*100%.* 100/100 ")
+
+    def test_complete_fills_the_bar_when_the_steps_came_before_the_client(self):
+        # A client that connects after the last step gets the latest event first: complete.
+        frames = self.frames(
+            Event("complete", "5", {"message": "Task completed successfully", "total_steps": 3})
+        )
+        self.assertShown(frames, r"^Task completed successfully: 100%.* 3/3 ")
+
+    def test_an_error_shows_its_type_and_message(self):
+        frames = self.frames(
+            Event("progress", "1", {"step": 1, "total_steps": 3}),
+            Event("error", "2", {"type": "ValueError", "message": "bad row"}),
+        )
+        self.assertShown(frames, r"^\s*33%.* 1/3 ", r"^ValueError: bad row:\s+33%.* 1/3 ")

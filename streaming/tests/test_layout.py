@@ -123,3 +123,13 @@ class ImportGraphTests(unittest.TestCase):
                     ),
                     f"{name} imports {module}",
                 )
+
+    def test_the_client_needs_neither_django_nor_the_rest_of_the_library(self):
+        # streaming.client runs in any Python program with httpx and httpx-sse.
+        client_modules = [name for name in self.modules if name.startswith("streaming.client")]
+        self.assertIn("streaming.client.protocol", client_modules)
+        for name in client_modules:
+            for module in self.imports[name]:
+                self.assertFalse(module.split(".")[0] == "django", f"{name} imports {module}")
+                if module.startswith("streaming"):
+                    self.assertTrue(module.startswith("streaming.client"), f"{name} imports {module}")
