@@ -146,6 +146,20 @@ class WatchTaskTests(ClientBrowserCase):
         self.assertIn("history=all", log["requests"][0]["url"])
         self.assertEqual(page.evaluate("() => window.watch.lastEventId"), 4)
 
+    def test_a_value_the_complete_event_leaves_open_is_read_from_the_status(self):
+        # A list is sent as {"result": [...]}, None as {}: a task may return those dicts too.
+        for returned in ([1, 2], None, {"result": 3}, {}):
+            with self.subTest(returned=returned):
+                task = ScriptedTask.objects.create(steps=1, result=returned)
+                page = self.open()
+                self.start(page, "task", {"model": "ScriptedTask", "id": task.pk}, history=True)
+                log = self.finished(page)
+                self.assertEqual(log["result"], {"value": returned})
+                self.assertEqual(
+                    [r["headers"]["Accept"] for r in log["requests"]],
+                    ["text/event-stream", "application/json"],
+                )
+
     def test_error_and_cancelled_reject_the_result(self):
         failing = FragileTask.objects.create(steps=3, fail_at=2)
         page = self.open()
@@ -181,7 +195,7 @@ class WatchTaskTests(ClientBrowserCase):
             page, "task", {"model": "ScriptedTask", "id": task.pk}, after=3
         )  # after the complete event
         log = self.finished(page)
-        self.assertEqual(log["result"], {"value": {"result": [1, 2]}})  # a list: wrapped as complete sends it
+        self.assertEqual(log["result"], {"value": [1, 2]})
         self.assertEqual(log["events"], [])
         self.assertEqual(len(log["requests"]), 2, log["requests"])
         self.assertEqual(log["requests"][0]["headers"]["Last-Event-ID"], "3")
@@ -284,7 +298,7 @@ class MultiplexedTests(ClientBrowserCase):
         return ids
 
     def test_several_tasks_on_one_connection(self):
-        one = ScriptedTask.objects.create(steps=3, delay=0.1, result={"n": 1})
+        one = ScriptedTask.objects.create(steps=3, delay=0.1, result=[1, "two"])
         two = FragileTask.objects.create(steps=3, delay=0.1, fail_at=3)
         page = self.open()
         targets = [f"ScriptedTask/{one.pk}", {"model": "FragileTask", "id": two.pk, "app": "testapp"}]
@@ -292,7 +306,7 @@ class MultiplexedTests(ClientBrowserCase):
         self.wait(page, "() => window.log.done !== null && Object.keys(window.log.results).length === 2")
         log = self.log(page)
         self.assertEqual(log["done"], {"value": None})
-        self.assertEqual(log["results"][f"ScriptedTask/{one.pk}"], {"value": {"n": 1}})
+        self.assertEqual(log["results"][f"ScriptedTask/{one.pk}"], {"value": [1, "two"]})
         self.assertEqual(
             log["results"][f"FragileTask/{two.pk}"],
             {"error": {"reason": "error", "message": "failing at step 3 as scripted"}},
@@ -300,8 +314,14 @@ class MultiplexedTests(ClientBrowserCase):
         self.assertEqual(
             self.per_task(log), {f"ScriptedTask/{one.pk}": [1, 2, 3, 4], f"FragileTask/{two.pk}": [1, 2, 3]}
         )
-        self.assertEqual(len(log["requests"]), 1)  # one connection for both
-        url = log["requests"][0]["url"]
+        streams = [r for r in log["requests"] if r["headers"]["Accept"] == "text/event-stream"]
+        self.assertEqual(len(streams), 1)  # one connection for both
+        # ... and the list's value read from the task's JSON status (the event sent {"result": [...]})
+        self.assertEqual(
+            [r["url"] for r in log["requests"] if r["headers"]["Accept"] == "application/json"],
+            [f"{self.server.url}/stream/ScriptedTask/{one.pk}"],
+        )
+        url = streams[0]["url"]
         self.assertIn(f"task=ScriptedTask%2F{one.pk}", url)
         self.assertIn(f"task=testapp%2FFragileTask%2F{two.pk}", url)
         self.assertEqual(log["states"][-1], "ended")

@@ -7,7 +7,7 @@
 // tails the task's stream from its first event (watchTask, history) and keeps
 // its status, result and actions current. Reading, resuming and retrying are
 // streaming.js's; this only draws. Everything a task sent is shown as text.
-import {TERMINAL_TYPES, finalValue, watchFeed, watchTask} from "./streaming.js";
+import {TERMINAL_TYPES, taskData, watchFeed, watchTask} from "./streaming.js";
 
 const config = JSON.parse(document.getElementById("streaming-dashboard").textContent);
 const TERMINAL = new Set(TERMINAL_TYPES);
@@ -54,7 +54,7 @@ function summary(event) {
     if (typeof data.message === "string") text = data.message;
     else if (data.step !== undefined && data.total_steps !== undefined) text = `Step ${data.step} of ${data.total_steps}`;
     else if (data.step !== undefined) text = `Step ${data.step}`;
-    else text = JSON.stringify(finalValue(data));
+    else text = JSON.stringify(taskData(data));
   } else {
     text = String(data);
   }
@@ -334,7 +334,7 @@ function taskPage() {
     empty.hidden = true;
     eventsTable.hidden = false;
     const tr = element("tr", {"data-seq": String(event.id)});
-    const data = event.data && typeof event.data === "object" ? finalValue(event.data) : event.data;
+    const data = event.data && typeof event.data === "object" ? taskData(event.data) : event.data;
     const code = element("code", {}, typeof data === "string" ? data : JSON.stringify(data));
     const dataCell = element("td", {"data-label": "Data", class: "data"});
     dataCell.append(code);

@@ -4,7 +4,7 @@
 //   const watch = watchTask({model: "Report", id: 7}, {
 //     on: {progress: (data) => console.log(data.step)},
 //   });
-//   const value = await watch.result;  // the complete event's data; rejects on error/cancelled
+//   const value = await watch.result;  // what process() returned; rejects on error/cancelled
 //
 // watchTask() follows one task's stream (/stream/<Model>/<id>); watchTasks()
 // and watchFeed() follow many tasks over one connection (the multiplexed
@@ -48,7 +48,12 @@ export function streamPath(target) {
   if (!target || !target.model || target.id === undefined || target.id === null) {
     throw new TypeError('A task is a URL or {model: "Report", id: 7} (app: "myapp" if the name is ambiguous)');
   }
-  return `/stream/${taskName(target).split("/").map(encodeURIComponent).join("/")}`;
+  return namePath(taskName(target));
+}
+
+// The stream path of a task named as the multiplexed stream names it.
+function namePath(name) {
+  return `/stream/${name.split("/").map(encodeURIComponent).join("/")}`;
 }
 
 /** A task as the multiplexed stream names it: [<app>/]<model>/<id>. */
@@ -70,13 +75,25 @@ export function taskKey(name) {
   return parts.slice(-2).join("/");
 }
 
-/** The final value as the complete event carries it: the task's own keys of
- * its data (process() returned a dict: that dict; anything else: {result: value}). */
-export function finalValue(data) {
+/** An event's data without the keys the runner adds (_task_id, _model, _timestamp). */
+export function taskData(data) {
   if (data === null || typeof data !== "object") return data;
   const value = {...data};
   for (const key of RUNNER_KEYS) delete value[key];
   return value;
+}
+
+/** What process() returned, from its complete event's data: {known, value}. The
+ * runner sends a returned dict as it is, anything else x as {result: x} and None
+ * as {}; so {} and a lone "result" key leave it open (the task may have returned
+ * them itself), and then the JSON status decides (known: false; value: the guess). */
+function completeValue(data) {
+  const fields = taskData(data);
+  if (fields === null || typeof fields !== "object") return {known: false, value: fields};
+  const keys = Object.keys(fields);
+  if (keys.length === 0) return {known: false, value: null};
+  if (keys.length === 1 && keys[0] === "result") return {known: false, value: fields.result};
+  return {known: true, value: fields};
 }
 
 // -- reading Server-Sent Events ------------------------------------------------
@@ -168,9 +185,8 @@ function call(callback, ...args) {
   }
 }
 
-// The outcome of a task's terminal event (or of its JSON status): [error, value].
-function outcome(type, data) {
-  if (type === "complete") return [null, finalValue(data)];
+// The outcome of a task's error or cancelled event: [error, undefined].
+function failure(type, data) {
   const message = (data && typeof data === "object" && data.message) || (type === "cancelled" ? "Task cancelled" : "Task failed");
   return [new StreamError(message, {reason: type, type: data && data.type, data}), undefined];
 }
@@ -179,14 +195,32 @@ function statusOutcome(status) {
   const types = {completed: "complete", failed: "error", cancelled: "cancelled"};
   const type = types[status.status];
   if (!type) return [new StreamError(`The task is ${status.status}`, {reason: "http", data: status}), undefined];
-  if (type === "complete") {
-    const value = status.final_value;
-    const data = value !== null && typeof value === "object" && !Array.isArray(value)
-      ? value
-      : value === null || value === undefined ? {} : {result: value};
-    return [null, data];
+  if (type === "complete") return [null, status.final_value === undefined ? null : status.final_value];
+  return failure(type, status.error || {});
+}
+
+// A task's JSON status (GET its stream path with Accept: application/json).
+async function readStatus(fetchImpl, url, token, credentials) {
+  const headers = authHeaders(await resolveToken(token), "application/json");
+  const response = await fetchImpl(url, {headers, credentials, cache: "no-store"});
+  if (!response.ok) {
+    const text = (await response.text().catch(() => "")).trim();
+    throw new StreamError(`${response.status} ${text}`, {reason: "http", status: response.status});
   }
-  return outcome(type, status.error || {});
+  return response.json();
+}
+
+// [error, value] of a task that ended: from its terminal event, asking its JSON
+// status only when the complete event leaves the value open.
+async function settleEnd(type, data, status) {
+  if (type !== "complete") return failure(type, data);
+  const {known, value} = completeValue(data);
+  if (known) return [null, value];
+  try {
+    return statusOutcome(await status());
+  } catch {
+    return [null, value]; // the status cannot be read: the event's best reading
+  }
 }
 
 /** The loop both watchers share: connect, read, and on a drop reconnect after
@@ -290,9 +324,10 @@ function authHeaders(token, accept) {
  *   after: n       resume after event id n
  *   base: "https://streams.example.com"   another origin (see the server's CORS settings)
  *   credentials: fetch's credentials ("same-origin" by default: the session cookie)
- * Returns {result, close(), lastEventId, state}: result is a Promise of the
- * final value (the complete event's data without _task_id, _model, _timestamp)
- * that rejects with a StreamError on error, cancelled, a refused request or close().
+ * Returns {result, close(), lastEventId, state}: result is a Promise of what
+ * process() returned (from the complete event, or the JSON status when the event
+ * leaves it open: {} or a lone "result" key) that rejects with a StreamError on
+ * error, cancelled, a refused request or close().
  */
 export function watchTask(target, options = {}) {
   const {
@@ -335,7 +370,7 @@ export function watchTask(target, options = {}) {
     call(on[item.type], data, event);
     call(onEvent, event);
     if (id !== null && TERMINAL.has(item.type)) {
-      finish(...outcome(item.type, data));
+      settleEnd(item.type, data, () => readStatus(fetchImpl, url, token, credentials)).then((end) => finish(...end));
       return true;
     }
     if (id === null && item.type === "access_expired") {
@@ -349,10 +384,7 @@ export function watchTask(target, options = {}) {
   // 204: the task ended before our cursor; its JSON status says how.
   const noContent = async () => {
     try {
-      const headers = authHeaders(await resolveToken(token), "application/json");
-      const response = await fetchImpl(url, {headers, credentials, cache: "no-store", signal: controller.signal});
-      if (!response.ok) throw new StreamError(`${response.status} ${(await response.text()).trim()}`, {reason: "http", status: response.status});
-      finish(...statusOutcome(await response.json()));
+      finish(...statusOutcome(await readStatus(fetchImpl, url, token, credentials)));
     } catch (error) {
       if (!outcomeSlot.settled) finish(error instanceof StreamError ? error : new StreamError(String(error), {reason: "http"}));
     }
@@ -387,7 +419,7 @@ export function watchTask(target, options = {}) {
  *   did not know (from a feed). Each event also has `key` ("<Model>/<id>").
  *   streamRoot: the multiplexed stream's path ("/stream/").
  * Returns {results, result(target), done, close(), cursors}:
- *   results: a Map of key -> Promise of the task's final value (as watchTask's result);
+ *   results: a Map of key -> Promise of what the task returned (as watchTask's result);
  *   done: a Promise settled when the watch ends (every listed task ended, and no
  *   feed) or fails; close() ends it. A feed keeps the connection open until close().
  */
@@ -400,6 +432,8 @@ export function watchStreams({tasks = [], feeds = []} = {}, options = {}) {
   const controller = new AbortController();
   const doneSlot = deferred();
   const known = new Map(); // key -> {name, cursor, ended, slot, listed}
+  const pending = []; // values of ended tasks still being read from their JSON status
+  const statusUrl = (entry) => new URL(base + namePath(entry.name), globalThis.location?.href);
   let current = null;
 
   const track = (name, listed) => {
@@ -420,12 +454,21 @@ export function watchStreams({tasks = [], feeds = []} = {}, options = {}) {
     call(onState, state, detail);
   };
   const finish = (error) => {
-    for (const entry of known.values()) {
-      if (!entry.slot.settled) settle(entry.slot, error || new StreamError("Closed", {reason: "closed"}));
-    }
-    settle(doneSlot, error && error.reason !== "closed" ? error : null);
-    setState(error ? (error.reason === "closed" ? "closed" : "failed") : "ended", error || undefined);
     controller.abort();
+    if (error) {
+      for (const entry of known.values()) settle(entry.slot, error);
+      settle(doneSlot, error.reason === "closed" ? null : error);
+      setState(error.reason === "closed" ? "closed" : "failed", error);
+      return;
+    }
+    // Every task ended: done once the values still being read are in.
+    for (const entry of known.values()) {
+      if (!entry.ended) settle(entry.slot, new StreamError("Closed", {reason: "closed"}));
+    }
+    Promise.all(pending).then(() => {
+      settle(doneSlot, null);
+      setState("ended");
+    });
   };
   const allEnded = () => feedNames.length === 0 && [...known.values()].every((entry) => entry.ended);
 
@@ -469,8 +512,15 @@ export function watchStreams({tasks = [], feeds = []} = {}, options = {}) {
     call(onEvent, event);
     if (TERMINAL.has(item.type)) {
       entry.ended = true;
-      const [error, value] = outcome(item.type, data);
-      settle(entry.slot, error, value);
+      if (entry.listed) {
+        // The value as watchTask gives it (the JSON status when the event leaves it open).
+        const status = () => readStatus(fetchImpl, statusUrl(entry), token, credentials);
+        pending.push(settleEnd(item.type, data, status).then(([error, value]) => settle(entry.slot, error, value)));
+      } else {
+        // A task a feed brought: no request per task, the event's reading.
+        const [error, value] = item.type === "complete" ? [null, completeValue(data).value] : failure(item.type, data);
+        settle(entry.slot, error, value);
+      }
       // A task a feed brought is done with: forget it, so a feed open for days
       // holds only the tasks still running.
       if (!entry.listed) known.delete(key);
@@ -484,20 +534,14 @@ export function watchStreams({tasks = [], feeds = []} = {}, options = {}) {
 
   // 204: every listed task had ended before its cursor: their JSON statuses say how.
   const noContent = async () => {
-    const headers = authHeaders(await resolveToken(token).catch(() => null), "application/json");
-    await Promise.all([...known.values()].filter((entry) => !entry.slot.settled).map(async (entry) => {
+    for (const entry of known.values()) {
+      if (entry.ended) continue;
       entry.ended = true;
-      try {
-        const response = await fetchImpl(new URL(base + streamPath(entry.name), globalThis.location?.href), {
-          headers, credentials, cache: "no-store", signal: controller.signal,
-        });
-        if (!response.ok) throw new StreamError(`${response.status} ${(await response.text()).trim()}`, {reason: "http", status: response.status});
-        const [error, value] = statusOutcome(await response.json());
-        settle(entry.slot, error, value);
-      } catch (error) {
-        settle(entry.slot, error instanceof StreamError ? error : new StreamError(String(error), {reason: "http"}));
-      }
-    }));
+      pending.push(readStatus(fetchImpl, statusUrl(entry), token, credentials).then(
+        (status) => settle(entry.slot, ...statusOutcome(status)),
+        (error) => settle(entry.slot, error instanceof StreamError ? error : new StreamError(String(error), {reason: "http"})),
+      ));
+    }
     finish(null);
   };
 
