@@ -121,6 +121,9 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
+# The demo has no login page of its own: the dashboard (/streaming/) sends
+# anonymous users to the admin's.
+LOGIN_URL = "/admin/login/"
 
 
 # Every STREAMING setting can be given as an environment variable

@@ -15,6 +15,8 @@ poetry run python manage.py start_task ExampleTask "$example" >/dev/null
 waiting=$(poetry run python manage.py create_task --type continue --port "$PORT" --no-start \
   | sed -n 's/^Created ContinueTask with ID: //p')
 poetry run python manage.py start_task ContinueTask "$waiting" >/dev/null
+# A staff user for the live dashboard (demo project only; a fresh password each run).
+login=$(poetry run python manage.py demo_user --url "http://127.0.0.1:$PORT/streaming/")
 cat <<MSG
 
 Two demo tasks are queued; the server below runs them. In another terminal:
@@ -22,7 +24,10 @@ Two demo tasks are queued; the server below runs them. In another terminal:
   poetry run python stream_client.py ContinueTask $waiting --port $PORT    # waits for you:
   poetry run python manage.py shell -c "from streaming.models import ContinueTask; import asyncio; asyncio.run(ContinueTask.objects.filter(pk=$waiting).aupdate(continue_field=True))"
   curl http://127.0.0.1:$PORT/stream/ExampleTask/$example
-  open http://127.0.0.1:$PORT/admin/ (manage.py createsuperuser first)
+  open http://127.0.0.1:$PORT/admin/ (as the demo user below, or manage.py createsuperuser)
+
+The live dashboard: http://127.0.0.1:$PORT/ links it; every task, live, with cancel and re-run.
+$login
 
 MSG
 exec poetry run python manage.py runserver_stream --port "$PORT"

@@ -11,6 +11,7 @@ model's view permission).
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
+from django.forms import Script
 from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html, format_html_join
@@ -50,7 +51,8 @@ class StreamTaskAdmin(admin.ModelAdmin):
     actions = ["start_selected", "rerun_selected", "cancel_selected"]
 
     class Media:
-        js = ("streaming/admin-tail.js",)
+        # An ES module: it imports streaming.js, the library's JavaScript client.
+        js = (Script("streaming/admin-tail.js", type="module"),)
 
     # -- the change page ------------------------------------------------------
 

@@ -102,6 +102,13 @@ class StreamingSettings:
     # 16 characters; staff users' sessions may read /metrics too. None: only them.
     METRICS_TOKEN: str | None = None
 
+    # -- The dashboard (streaming.urls) --
+    # Who may open it: the dotted path of a function (user) -> bool, e.g.
+    # "myproject.access.may_see_tasks". None: active staff users. Past this
+    # gate, each model's tasks still need its view permission, and actions
+    # its change (cancel, start) or add (re-run) permission.
+    DASHBOARD_ACCESS: str | None = None
+
 
 def lease_margin(settings: StreamingSettings) -> float:
     """The effective LEASE_MARGIN; it must leave a run more than one renewal interval."""

@@ -111,6 +111,13 @@ DATABASES["default"]["OPTIONS"] = {
 }
 """
 
+# README "Dashboard": the one line a project adds to its URLconf.
+URLS_TAIL = """
+from django.urls import include  # noqa: E402
+
+urlpatterns += [path("streaming/", include("streaming.urls"))]
+"""
+
 # The Report class declares nothing about access, so its streams are
 # protected: the project's own code mints a token (as a view would).
 CREATE_TASK = (
@@ -237,6 +244,11 @@ class InstallTests(SimpleTestCase):
             "streaming/taskbackend/backend.py",
             "streaming/py.typed",
             "streaming/static/streaming/admin-tail.js",  # the admin's live tail
+            "streaming/static/streaming/streaming.js",  # the JavaScript client
+            "streaming/static/streaming/dashboard.js",  # the dashboard's pages
+            "streaming/static/streaming/dashboard.css",
+            "streaming/templates/streaming/dashboard/list.html",
+            "streaming/urls.py",
         ):
             self.assertIn(required, names, context)
         self.assertIn(f"Version: {streaming.__version__}\n", metadata)
@@ -341,6 +353,8 @@ class InstallTests(SimpleTestCase):
         (self.project / "mysite" / "asgi.py").write_text(ASGI_PY)
         with (self.project / "mysite" / "settings.py").open("a") as settings:
             settings.write(SETTINGS_TAIL)
+        with (self.project / "mysite" / "urls.py").open("a") as urls:
+            urls.write(URLS_TAIL)
         self.manage("makemigrations", "reports")
         self.assertTrue((self.project / "reports" / "migrations" / "0001_initial.py").exists())
         migrated = self.manage("migrate").stdout
@@ -435,6 +449,11 @@ class InstallTests(SimpleTestCase):
             "print('STATUS', r.status, r.return_value['topic'])",
         ).stdout
         self.assertIn("STATUS SUCCESSFUL adoption", fetched)
+
+        # The dashboard, mounted with one line (README "Dashboard"): staff only.
+        dashboard = httpx.get(f"{url}/streaming/", timeout=10)
+        self.assertEqual(dashboard.status_code, 302, dashboard.text)
+        self.assertEqual(dashboard.headers["location"], "/accounts/login/?next=/streaming/")
 
         self.stop_server(check=True)
 

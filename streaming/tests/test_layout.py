@@ -110,6 +110,20 @@ class ImportGraphTests(unittest.TestCase):
                 self.assertNotIn(top, ("demo", "config"), f"{name} imports {module}")
                 self.assertFalse(module.startswith("streaming.tests"), f"{name} imports {module}")
 
+    def test_the_dashboard_reaches_the_server_over_http_only(self):
+        # Its pages read streams as any client does; its views never touch the
+        # node, the hub or the server.
+        dashboard = [name for name in self.graph if name.startswith("streaming.dashboard")]
+        self.assertIn("streaming.dashboard.views", dashboard)
+        for name in [*dashboard, "streaming.urls"]:
+            for module in self.graph[name]:
+                self.assertFalse(
+                    module.startswith(
+                        ("streaming.web", "streaming.server", "streaming.fanout", "streaming.node")
+                    ),
+                    f"{name} imports {module}",
+                )
+
     def test_the_client_needs_neither_django_nor_the_rest_of_the_library(self):
         # streaming.client runs in any Python program with httpx and httpx-sse.
         client_modules = [name for name in self.modules if name.startswith("streaming.client")]

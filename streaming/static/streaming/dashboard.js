@@ -1,0 +1,389 @@
+// The dashboard's pages (streaming/dashboard/): the live task list and a task's page.
+//
+// The list loads its first page of rows from tasks.json, then follows every
+// model it shows over ONE multiplexed connection (watchFeed): an event of a
+// known row updates it in place; a task it does not know yet (one that just
+// started) is fetched once from tasks.json and added at the top. The task page
+// tails the task's stream from its first event (watchTask, history) and keeps
+// its status, result and actions current. Reading, resuming and retrying are
+// streaming.js's; this only draws. Everything a task sent is shown as text.
+import {TERMINAL_TYPES, taskData, watchFeed, watchTask} from "./streaming.js";
+
+const config = JSON.parse(document.getElementById("streaming-dashboard").textContent);
+const TERMINAL = new Set(TERMINAL_TYPES);
+const ENDED_STATUS = {complete: "completed", error: "failed", cancelled: "cancelled"};
+const STATUS_LABEL = {
+  created: "Created (not started)", pending: "Pending", running: "Running",
+  completed: "Completed", failed: "Failed", cancelled: "Cancelled",
+};
+const MAX_EVENT_ROWS = 5000; // the task page drops its oldest rows beyond this
+const MAX_LIST_ROWS = 200; // the list drops its oldest rows beyond this as new tasks arrive
+
+// -- small helpers ---------------------------------------------------------------
+
+function element(tag, attributes = {}, text = null) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+function formatTime(iso) {
+  if (!iso) return "–";
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return iso;
+  return date.toLocaleString(undefined, {dateStyle: "short", timeStyle: "medium"});
+}
+
+function timeElement(iso) {
+  const node = element("time", iso ? {datetime: iso} : {}, formatTime(iso));
+  if (iso) node.title = iso;
+  return node;
+}
+
+function statusBadge(status, label) {
+  return element("span", {class: `status status-${status}`}, label || STATUS_LABEL[status] || status);
+}
+
+/** A line that says what an event means: its message, its step, or its data. */
+function summary(event) {
+  if (!event) return "";
+  const data = event.data;
+  let text;
+  if (data && typeof data === "object") {
+    if (typeof data.message === "string") text = data.message;
+    else if (data.step !== undefined && data.total_steps !== undefined) text = `Step ${data.step} of ${data.total_steps}`;
+    else if (data.step !== undefined) text = `Step ${data.step}`;
+    else text = JSON.stringify(taskData(data));
+  } else {
+    text = String(data);
+  }
+  return text.length > 140 ? `${text.slice(0, 139)}…` : text;
+}
+
+/** The share done, when an event says it (step and total_steps, or progress 0..1). */
+function progress(event) {
+  const data = event && event.data;
+  if (!data || typeof data !== "object") return null;
+  if (Number.isFinite(data.step) && Number.isFinite(data.total_steps) && data.total_steps > 0) {
+    return Math.min(1, Math.max(0, data.step / data.total_steps));
+  }
+  if (Number.isFinite(data.progress) && data.progress >= 0 && data.progress <= 1) return data.progress;
+  return null;
+}
+
+const live = document.querySelector("[data-live]");
+function showConnection(state, detail) {
+  if (!live) return;
+  const texts = {
+    connecting: "Connecting…", open: "Live", reconnecting: "Reconnecting…",
+    ended: "Up to date", closed: "Stopped",
+  };
+  live.dataset.live = state;
+  live.title = state === "failed" && detail ? detail.message : "";
+  live.querySelector(".live-text").textContent = state === "failed" ? "No live updates" : texts[state] || state;
+}
+
+async function getJson(url) {
+  const response = await fetch(url, {headers: {Accept: "application/json"}, credentials: "same-origin"});
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.error || `${response.status}`);
+  return body;
+}
+
+// -- the list --------------------------------------------------------------------
+
+function listPage() {
+  const table = document.getElementById("tasks");
+  const body = table.tBodies[0];
+  const state = document.getElementById("tasks-state");
+  const rows = new Map(); // key ("<Model>/<id>") -> {data, tr}
+  const refreshing = new Map(); // key -> a timer: one fetch per burst of transitions
+  const {filters} = config;
+
+  // Changing a filter reloads the page with it (a plain GET form).
+  for (const select of document.querySelectorAll(".filters select")) {
+    select.addEventListener("change", () => select.form.submit());
+  }
+
+  const query = (extra = {}) => {
+    const params = new URLSearchParams();
+    if (filters.model) params.set("model", filters.model);
+    if (filters.status) params.set("status", filters.status);
+    for (const [name, value] of Object.entries(extra)) params.set(name, value);
+    return `${config.rows}?${params}`;
+  };
+
+  const draw = (entry) => {
+    const {data: row, tr} = entry;
+    tr.replaceChildren();
+    tr.dataset.key = row.key;
+    tr.dataset.status = row.status;
+    const name = element("td", {"data-label": "Task", class: "task-name"});
+    const link = element("a", {href: row.url}, `${row.key.split("/")[0]} ${row.id}`);
+    name.append(link, element("small", {}, row.model_name));
+    const status = element("td", {"data-label": "Status"});
+    status.append(statusBadge(row.status));
+    const latest = element("td", {"data-label": "Latest event", class: "latest"});
+    const inner = element("div");
+    latest.append(inner);
+    if (row.latest) {
+      inner.append(element("span", {class: "event-type"}, row.latest.type), " ", element("span", {class: "event-text"}, summary(row.latest)));
+      const share = progress(row.latest);
+      if (share !== null && !TERMINAL.has(row.latest.type)) {
+        const bar = element("span", {class: "bar", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100", "aria-valuenow": String(Math.round(share * 100))});
+        bar.append(element("span", {style: `width: ${(share * 100).toFixed(1)}%`}));
+        inner.append(bar);
+      }
+    } else {
+      inner.append(element("span", {class: "muted"}, "–"));
+    }
+    const cells = [
+      name, status, latest,
+      ["Created", row.created_at], ["Started", row.started_at], ["Finished", row.completed_at],
+    ].map((cell) => {
+      if (!Array.isArray(cell)) return cell;
+      const td = element("td", {"data-label": cell[0], class: "time"});
+      td.append(timeElement(cell[1]));
+      return td;
+    });
+    cells.push(element("td", {"data-label": "Attempts", class: "num"}, String(row.attempts)));
+    tr.append(...cells);
+  };
+
+  const flash = (tr) => {
+    tr.classList.remove("flash");
+    void tr.offsetWidth; // restart the animation
+    tr.classList.add("flash");
+  };
+
+  const showState = () => {
+    state.textContent = rows.size ? "" : "No tasks match.";
+    state.hidden = rows.size > 0;
+  };
+
+  // Rows are newest first: a new one goes above the first older one.
+  const place = (entry) => {
+    const created = entry.data.created_at || "";
+    for (const other of body.rows) {
+      const known = rows.get(other.dataset.key);
+      if (known && known !== entry && (known.data.created_at || "") < created) {
+        body.insertBefore(entry.tr, other);
+        return;
+      }
+    }
+    body.append(entry.tr);
+  };
+
+  const upsert = (row, {fresh = false} = {}) => {
+    let entry = rows.get(row.key);
+    if (entry) {
+      // An event that arrived while the row was fetched is newer than the row.
+      if (entry.data.latest && (!row.latest || row.latest.id < entry.data.latest.id)) row.latest = entry.data.latest;
+      entry.data = row;
+      draw(entry);
+    } else {
+      entry = {data: row, tr: element("tr")};
+      rows.set(row.key, entry);
+      draw(entry);
+      place(entry);
+      while (body.rows.length > MAX_LIST_ROWS) {
+        const oldest = body.rows[body.rows.length - 1];
+        rows.delete(oldest.dataset.key);
+        oldest.remove();
+      }
+      showState();
+    }
+    if (fresh) flash(entry.tr);
+    return entry;
+  };
+
+  // Fetch one row again (a task we do not know, or one whose status changed).
+  const refresh = (key, model, id) => {
+    if (refreshing.has(key)) return;
+    refreshing.set(key, setTimeout(async () => {
+      refreshing.delete(key);
+      const known = rows.has(key);
+      // A new row must match the filters; a known one is updated whatever its status now.
+      const params = known ? new URLSearchParams({model, id}) : null;
+      const url = known ? `${config.rows}?${params}` : query({model, id});
+      try {
+        const {tasks} = await getJson(url);
+        if (tasks.length) upsert(tasks[0], {fresh: !known});
+      } catch (error) {
+        console.warn(`streaming dashboard: could not read ${key}`, error);
+      }
+    }, 150));
+  };
+
+  const onEvent = (event) => {
+    if (event.key === null) return; // a notice of the server's
+    const label = config.models[event.model];
+    if (!label) return;
+    const entry = rows.get(event.key);
+    if (!entry) {
+      if (filters.page === 1) refresh(event.key, label, event.taskId);
+      return;
+    }
+    const row = entry.data;
+    const latest = {id: event.id, type: event.type, data: event.data};
+    if (!row.latest || row.latest.id < event.id) row.latest = latest;
+    const status = TERMINAL.has(event.type) ? ENDED_STATUS[event.type] : "running";
+    if (row.status !== status) {
+      row.status = status; // at once; the times and attempts follow from the row
+      refresh(event.key, label, event.taskId);
+    }
+    draw(entry);
+    flash(entry.tr);
+  };
+
+  const pager = () => {
+    const prev = document.querySelector(".pager [rel=prev]");
+    const next = document.querySelector(".pager [rel=next]");
+    const link = (page) => {
+      const params = new URLSearchParams(location.search);
+      params.set("page", page);
+      return `?${params}`;
+    };
+    prev.hidden = filters.page <= 1;
+    prev.href = link(filters.page - 1);
+    return (hasNext) => {
+      next.hidden = !hasNext;
+      next.href = link(filters.page + 1);
+    };
+  };
+
+  const start = async () => {
+    const showNext = pager();
+    try {
+      const {tasks, has_next: hasNext} = await getJson(query({page: filters.page}));
+      for (const row of tasks) upsert(row);
+      showNext(hasNext);
+      showState();
+    } catch (error) {
+      state.textContent = `Could not load tasks: ${error.message}`;
+      return;
+    }
+    if (!config.feeds.length) {
+      showConnection("closed");
+      return;
+    }
+    // One connection for every model shown; the page's own session opens it.
+    window.streamingFeed = watchFeed(config.feeds, {onEvent, onState: showConnection});
+  };
+  start();
+}
+
+// -- a task's page ---------------------------------------------------------------
+
+function taskPage() {
+  const body = document.querySelector("#events tbody");
+  const empty = document.getElementById("events-empty");
+  const eventsTable = document.getElementById("events-table");
+  const tail = document.getElementById("tail-state");
+  const statusBadgeNode = document.getElementById("task-status");
+  let status = config.status;
+
+  const setStatus = (value, label) => {
+    status = value;
+    statusBadgeNode.className = `status status-${value}`;
+    statusBadgeNode.textContent = label || STATUS_LABEL[value] || value;
+    for (const form of document.querySelectorAll(".actions form[data-when]")) {
+      form.hidden = !form.dataset.when.split(" ").includes(value);
+    }
+  };
+
+  // The row from tasks.json: times, attempts, status, and the outcome.
+  const update = async () => {
+    let row;
+    try {
+      ({tasks: [row]} = await getJson(config.row));
+    } catch (error) {
+      console.warn("streaming dashboard: could not read the task", error);
+      return;
+    }
+    if (!row) return;
+    setStatus(row.status);
+    for (const node of document.querySelectorAll("[data-field]")) {
+      const value = row[node.dataset.field];
+      if (node.tagName === "TIME") {
+        node.setAttribute("datetime", value || "");
+        node.title = value || "";
+        node.textContent = formatTime(value);
+      } else {
+        node.textContent = String(value);
+      }
+    }
+    const result = document.getElementById("task-result");
+    const errorText = document.getElementById("task-error");
+    const valueNode = document.getElementById("final-value");
+    if (row.error) {
+      document.getElementById("result-title").textContent = "Error";
+      errorText.replaceChildren(element("strong", {}, row.error.type), `: ${row.error.message}`);
+      errorText.hidden = false;
+      result.hidden = false;
+    } else if (row.status === "completed") {
+      document.getElementById("result-title").textContent = "Final value";
+      valueNode.textContent = JSON.stringify(row.final_value, null, 2);
+      valueNode.hidden = false;
+      result.hidden = false;
+    }
+  };
+
+  const append = (event) => {
+    empty.hidden = true;
+    eventsTable.hidden = false;
+    const tr = element("tr", {"data-seq": String(event.id)});
+    const data = event.data && typeof event.data === "object" ? taskData(event.data) : event.data;
+    const code = element("code", {}, typeof data === "string" ? data : JSON.stringify(data));
+    const dataCell = element("td", {"data-label": "Data", class: "data"});
+    dataCell.append(code);
+    const type = element("td", {"data-label": "Event"});
+    type.append(element("span", {class: `event-type event-${event.type}`}, event.type));
+    const when = element("td", {"data-label": "Time", class: "time"});
+    when.append(timeElement(event.data && event.data._timestamp));
+    tr.append(element("td", {"data-label": "#", class: "num"}, String(event.id)), type, dataCell, when);
+    body.append(tr);
+    while (body.rows.length > MAX_EVENT_ROWS) body.deleteRow(0);
+    tr.classList.add("flash");
+  };
+
+  const tailState = (state, detail) => {
+    // A task that failed or was cancelled ended its stream as it should: "failed"
+    // is the tail's own failure only when the server refused it.
+    const ended = state === "failed" && detail.reason !== "http";
+    showConnection(ended ? "ended" : state, detail);
+    const texts = {
+      connecting: "connecting…", open: "live", reconnecting: "reconnecting…",
+      ended: "finished", closed: "stopped",
+    };
+    tail.textContent = ended ? texts.ended : state === "failed" ? `no live updates: ${detail.message}` : texts[state] || state;
+    tail.dataset.state = ended ? "ended" : state;
+  };
+
+  window.streamingTail = watchTask(config.stream, {
+    history: true,
+    onEvent: (event) => {
+      if (event.id === null) return; // a notice of the server's
+      append(event);
+      if (TERMINAL.has(event.type)) {
+        setStatus(ENDED_STATUS[event.type]);
+        update();
+      } else if (status === "pending" || status === "created") {
+        setStatus("running");
+        update();
+      }
+    },
+    onState: tailState,
+  });
+}
+
+// Server-rendered times in the reader's own time zone.
+for (const node of document.querySelectorAll("time[datetime]")) {
+  if (node.getAttribute("datetime")) {
+    node.title = node.getAttribute("datetime");
+    node.textContent = formatTime(node.getAttribute("datetime"));
+  }
+}
+if (document.getElementById("tasks")) listPage();
+else if (document.getElementById("events")) taskPage();
