@@ -499,6 +499,22 @@ class ScrapeTests(ServerTestCase):
         self.assertRegex(log, rf"WARNING .*Task {MODEL}:{task.pk} failed: ValueError \(attempt 1, [\d.]+ s\)")
         self.assertIn(f"Task {MODEL}:{task.pk} failed\nTraceback", log)  # the traceback stays
 
+    def test_connections(self):
+        task = ScriptedTask.objects.create(steps=1, status="created")  # never started: streams stay open
+        before = self.scrape()
+        self.assertEqual(value(before, "streaming_connections_open"), 1)  # the scrape's own
+        streams = [RawStream(self.server.url, task.get_stream_path()) for _ in range(2)]
+        wait_for(lambda: all(b"\r\n\r\n" in stream.data for stream in streams), message="both streams' heads")
+        during = self.scrape()  # a connection of its own, as each stream
+        accepted = "streaming_connections_accepted_total"
+        self.assertEqual(value(during, accepted) - value(before, accepted), 3)
+        self.assertEqual(value(during, "streaming_connections_open"), 3)
+        self.assertEqual(value(during, "streaming_streams_open"), 2)
+        for stream in streams:
+            stream.sock.shutdown(socket.SHUT_RDWR)
+            stream.wait_closed()
+        self.wait_metric("streaming_connections_open", 1)
+
     def test_who_may_read(self):
         url = f"{self.server.url}/metrics"
         anonymous = httpx.get(url)
