@@ -584,7 +584,7 @@ class WorkersMetricsTests(TransactionTestCase):
         self.assertTrue(shared_dir.is_dir())
         before = scrape(self.server.url)
         steps = 8
-        tasks = [ScriptedTask.objects.create(steps=steps, delay=0.25, status="created") for _ in range(4)]
+        tasks = [ScriptedTask.objects.create(steps=steps, delay=0.5, status="created") for _ in range(4)]
         streams = [RawStream(self.server.url, task.get_stream_path()) for task in tasks for _ in range(2)]
         wait_for(lambda: value(scrape(self.server.url), "streaming_streams_open") == 8, timeout=15)
         for task in tasks:
