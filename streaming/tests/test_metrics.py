@@ -254,6 +254,13 @@ class SettingsTests(SimpleTestCase):
                     conf.get_settings()
         conf.get_settings.cache_clear()
 
+    def test_metrics_is_true_or_false(self):
+        with override_settings(STREAMING={"METRICS": "yes"}):
+            conf.get_settings.cache_clear()
+            with self.assertRaisesRegex(ImproperlyConfigured, "METRICS'] must be True or False"):
+                conf.get_settings()
+        conf.get_settings.cache_clear()
+
     def test_from_the_environment(self):
         values = conf.from_environ(environ={"STREAMING_METRICS": "on", "STREAMING_METRICS_TOKEN": TOKEN})
         self.assertEqual(values, {"METRICS": True, "METRICS_TOKEN": TOKEN})
