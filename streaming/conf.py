@@ -137,6 +137,8 @@ def get_settings() -> StreamingSettings:
     for name in ("MAX_STREAMS", "MAX_STREAMS_PER_CLIENT"):
         if not isinstance(getattr(settings, name), int) or getattr(settings, name) < 1:
             raise ImproperlyConfigured(f"STREAMING['{name}'] must be a positive number of streams")
+    if not isinstance(settings.METRICS, bool):
+        raise ImproperlyConfigured(f"STREAMING['METRICS'] must be True or False, not {settings.METRICS!r}")
     token = settings.METRICS_TOKEN
     if token is not None and (not isinstance(token, str) or len(token.strip()) < MIN_TOKEN_LENGTH):
         raise ImproperlyConfigured(

@@ -225,7 +225,7 @@ class Runner:
 
     def _ended(self, run: TaskRun, outcome: str, error_type: str | None = None) -> None:
         seconds = time.monotonic() - run.began
-        extra = {**_fields(run, seconds), "outcome": outcome}
+        extra = {**_fields(run, seconds), "outcome": str(outcome)}
         if outcome == Status.FAILED:
             logger.warning(
                 "Task %s failed: %s (attempt %d, %.3f s)",

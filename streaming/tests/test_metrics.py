@@ -254,6 +254,13 @@ class SettingsTests(SimpleTestCase):
                     conf.get_settings()
         conf.get_settings.cache_clear()
 
+    def test_metrics_is_true_or_false(self):
+        with override_settings(STREAMING={"METRICS": "yes"}):
+            conf.get_settings.cache_clear()
+            with self.assertRaisesRegex(ImproperlyConfigured, "METRICS'] must be True or False"):
+                conf.get_settings()
+        conf.get_settings.cache_clear()
+
     def test_from_the_environment(self):
         values = conf.from_environ(environ={"STREAMING_METRICS": "on", "STREAMING_METRICS_TOKEN": TOKEN})
         self.assertEqual(values, {"METRICS": True, "METRICS_TOKEN": TOKEN})
@@ -499,6 +506,22 @@ class ScrapeTests(ServerTestCase):
         self.assertRegex(log, rf"WARNING .*Task {MODEL}:{task.pk} failed: ValueError \(attempt 1, [\d.]+ s\)")
         self.assertIn(f"Task {MODEL}:{task.pk} failed\nTraceback", log)  # the traceback stays
 
+    def test_connections(self):
+        task = ScriptedTask.objects.create(steps=1, status="created")  # never started: streams stay open
+        before = self.scrape()
+        self.assertEqual(value(before, "streaming_connections_open"), 1)  # the scrape's own
+        streams = [RawStream(self.server.url, task.get_stream_path()) for _ in range(2)]
+        wait_for(lambda: all(b"\r\n\r\n" in stream.data for stream in streams), message="both streams' heads")
+        during = self.scrape()  # a connection of its own, as each stream
+        accepted = "streaming_connections_accepted_total"
+        self.assertEqual(value(during, accepted) - value(before, accepted), 3)
+        self.assertEqual(value(during, "streaming_connections_open"), 3)
+        self.assertEqual(value(during, "streaming_streams_open"), 2)
+        for stream in streams:
+            stream.sock.shutdown(socket.SHUT_RDWR)
+            stream.wait_closed()
+        self.wait_metric("streaming_connections_open", 1)
+
     def test_who_may_read(self):
         url = f"{self.server.url}/metrics"
         anonymous = httpx.get(url)
@@ -568,7 +591,7 @@ class WorkersMetricsTests(TransactionTestCase):
         self.assertTrue(shared_dir.is_dir())
         before = scrape(self.server.url)
         steps = 8
-        tasks = [ScriptedTask.objects.create(steps=steps, delay=0.25, status="created") for _ in range(4)]
+        tasks = [ScriptedTask.objects.create(steps=steps, delay=0.5, status="created") for _ in range(4)]
         streams = [RawStream(self.server.url, task.get_stream_path()) for task in tasks for _ in range(2)]
         wait_for(lambda: value(scrape(self.server.url), "streaming_streams_open") == 8, timeout=15)
         for task in tasks:

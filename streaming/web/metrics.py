@@ -262,11 +262,6 @@ CLUSTER_TASKS_HELP = (
 )
 
 
-def read(sources: Sources) -> dict[str, list[tuple[tuple[str, ...], float]]]:
-    """Every figure's samples now."""
-    return {figure.name: list(figure.read(sources)) for figure in FIGURES}
-
-
 def count_tasks() -> list[tuple[tuple[str, str], int]]:
     """Task rows by (model, status), from the database (synchronous: the ORM)."""
     from django.db.models import Count
