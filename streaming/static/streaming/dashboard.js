@@ -13,7 +13,7 @@ const config = JSON.parse(document.getElementById("streaming-dashboard").textCon
 const TERMINAL = new Set(TERMINAL_TYPES);
 const ENDED_STATUS = {complete: "completed", error: "failed", cancelled: "cancelled"};
 const STATUS_LABEL = {
-  created: "Created (not started)", pending: "Pending", running: "Running",
+  created: "Not started", pending: "Pending", running: "Running",
   completed: "Completed", failed: "Failed", cancelled: "Cancelled",
 };
 const STATUS_RANK = {created: 0, pending: 1, running: 2, completed: 3, failed: 3, cancelled: 3};
