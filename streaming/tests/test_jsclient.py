@@ -357,6 +357,40 @@ class MultiplexedTests(ClientBrowserCase):
         self.assertEqual(self.log(page)["states"][-1], "closed")
         self.assertIn("feed=testapp%2FScriptedTask", log["requests"][0]["url"])
 
+    def test_cursors_given_and_a_204_settled_from_the_statuses(self):
+        done = ScriptedTask.objects.create(steps=2, result=["a"])
+        failed = FragileTask.objects.create(steps=2, fail_at=2)
+        wait_for(
+            lambda: (
+                ScriptedTask.objects.get(pk=done.pk).status == "completed"
+                and FragileTask.objects.get(pk=failed.pk).status == "failed"
+            ),
+            message="both tasks' ends",
+        )
+        page = self.open()
+        # Both resume after their last event: the server answers 204, the statuses say how they ended.
+        targets = [f"ScriptedTask/{done.pk}@3", {"model": "FragileTask", "id": failed.pk, "after": 2}]
+        self.start(page, "tasks", targets)
+        self.wait(page, "() => window.log.done !== null && Object.keys(window.log.results).length === 2")
+        log = self.log(page)
+        self.assertEqual(log["results"][f"ScriptedTask/{done.pk}"], {"value": ["a"]})
+        self.assertEqual(
+            log["results"][f"FragileTask/{failed.pk}"],
+            {"error": {"reason": "error", "message": "failing at step 2 as scripted"}},
+        )
+        self.assertEqual(log["events"], [])
+        stream, *statuses = log["requests"]
+        self.assertIn(f"task=ScriptedTask%2F{done.pk}%403", stream["url"])
+        self.assertIn(f"task=FragileTask%2F{failed.pk}%402", stream["url"])
+        self.assertEqual(
+            sorted(r["url"] for r in statuses),
+            sorted(
+                f"{self.server.url}/stream/{name}"
+                for name in (f"ScriptedTask/{done.pk}", f"FragileTask/{failed.pk}")
+            ),
+        )
+        self.assertEqual(log["done"], {"value": None})
+
     def test_a_refused_task_refuses_the_whole_request(self):
         public = ScriptedTask.objects.create(steps=1)
         private = PrivateTask.objects.create(steps=1)
