@@ -437,13 +437,13 @@ class DashboardBrowserTests(TransactionTestCase):
         self.wait(page, "(key) => document.querySelector(`tr[data-key='${key}']`)", f"ExampleTask/{old.pk}")
         self.wait_live(page)
         page.evaluate("() => { window.sameDocument = true; }")
-        task = ScriptedTask.objects.create(steps=6, delay=0.4, result={"ok": True})
+        task = ScriptedTask.objects.create(steps=8, delay=0.5, result={"ok": True})
         key = f"ScriptedTask/{task.pk}"
         self.wait(page, "(key) => document.querySelector(`tr[data-key='${key}'][data-status=running]`)", key)
         self.assertEqual(self.row(page, key)["index"], 0)  # newest first: above the old one
         self.wait(
             page,
-            "(key) => /Step [3-6]/.test(document.querySelector(`tr[data-key='${key}']`).innerText)",
+            "(key) => /Step [3-8]/.test(document.querySelector(`tr[data-key='${key}']`).innerText)",
             key,
         )
         self.wait(
