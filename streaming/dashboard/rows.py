@@ -73,7 +73,7 @@ def row(task: StreamTask, latest: TaskEvent | None) -> dict[str, Any]:
 
 
 def list_rows(
-    models: list[type[StreamTask]], *, status: str | None = None, page: int = 1, pk: object = None
+    models: list[type[StreamTask]], *, status: str | None = None, page: int = 1, pks: list[Any] | None = None
 ) -> tuple[list[dict[str, Any]], bool]:
     """A page of rows across ``models``, newest first, and whether an older page exists.
 
@@ -87,13 +87,13 @@ def list_rows(
         rows = model.objects.only(*ROW_FIELDS).order_by("-created_at", "-pk")
         if status:
             rows = rows.filter(status=status)
-        if pk is not None:
-            rows = rows.filter(pk=pk)
+        if pks is not None:
+            rows = rows.filter(pk__in=pks)
         tasks.extend(rows[:take])
     tasks.sort(key=lambda t: (t.created_at, t._meta.label, t.pk), reverse=True)
     shown = tasks[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
     latest: dict[tuple[str, str], TaskEvent] = {}
     for model in models:
-        pks = [t.pk for t in shown if type(t) is model]
-        latest.update({(model_id(model), pk): e for pk, e in latest_events(model, pks).items()})
+        on_page = [t.pk for t in shown if type(t) is model]
+        latest.update({(model_id(model), pk): e for pk, e in latest_events(model, on_page).items()})
     return [row(t, latest.get((model_id(type(t)), str(t.pk)))) for t in shown], len(tasks) > page * PAGE_SIZE

@@ -107,16 +107,20 @@ def task_list(request: HttpRequest) -> HttpResponse:
 @require_GET
 @dashboard_view
 def task_rows(request: HttpRequest) -> JsonResponse:
-    """A page of rows as JSON (``model``, ``status``, ``page``; ``id`` with ``model``: one task)."""
+    """A page of rows as JSON (``model``, ``status``, ``page``); with ``model``, ``id``
+    (repeatable, at most a page's worth) picks those tasks; one ``id`` brings its outcome too."""
     models, status, page = _filters(request)
-    pk = None
-    if raw_id := request.GET.get("id", ""):
+    pks = None
+    if raw_ids := request.GET.getlist("id"):
         if not request.GET.get("model"):
             raise BadInput("id needs model: ?model=<app_label.Model>&id=<id>")
-        pk = _pk(models[0], raw_id, BadInput(f"Bad id {raw_id!r} for {rows.model_id(models[0])}"))
-    found, has_next = rows.list_rows(models, status=status, page=page, pk=pk)
-    if pk is not None and found:  # one task (the task page, a new row): its outcome too
-        task = models[0].objects.get(pk=pk)
+        if len(raw_ids) > rows.PAGE_SIZE:
+            raise BadInput(f"Too many ids ({len(raw_ids)}): at most {rows.PAGE_SIZE} a request")
+        model = models[0]
+        pks = [_pk(model, raw, BadInput(f"Bad id {raw!r} for {rows.model_id(model)}")) for raw in raw_ids]
+    found, has_next = rows.list_rows(models, status=status, page=page, pks=pks)
+    if pks is not None and len(pks) == 1 and found:  # one task (its page): its outcome too
+        task = models[0].objects.get(pk=pks[0])
         found[0]["final_value"] = task.final_value if task.status == Status.COMPLETED else None
         found[0]["error"] = _error(task)
     return JsonResponse({"tasks": found, "page": page, "has_next": has_next, "page_size": rows.PAGE_SIZE})

@@ -182,6 +182,17 @@ class ListTests(DashboardCase):
         self.assertEqual(row["error"], {"type": "ValueError", "message": "no"})
         self.assertEqual(self.rows(model="demo.ExampleTask", id=task.pk, status="failed")["tasks"], [])
 
+    def test_several_rows_by_id(self):
+        tasks = [ExampleTask.objects.create(status="completed") for _ in range(3)]
+        query = [("model", "demo.ExampleTask"), *[("id", t.pk) for t in tasks[:2]]]
+        response = self.client.get(f"{ROWS}?{'&'.join(f'{k}={v}' for k, v in query)}")
+        self.assertEqual({r["id"] for r in response.json()["tasks"]}, {tasks[0].pk, tasks[1].pk})
+        self.assertNotIn("final_value", response.json()["tasks"][0])  # the outcome: for one task only
+        too_many = "&".join(f"id={n}" for n in range(1, 52))
+        response = self.client.get(f"{ROWS}?model=demo.ExampleTask&{too_many}")
+        self.assertEqual(response.status_code, 400)
+        self.assertIn("Too many ids (51): at most 50 a request", response.json()["error"])
+
     def test_bad_input_gets_400_with_a_message(self):
         cases = {
             (("status", "done"),): "Unknown status 'done': use one of created, pending",
@@ -328,13 +339,15 @@ class ActionTests(DashboardCase):
 
 
 # Put into every dashboard page before its scripts: records the URL of each
-# request to /stream/ (the page's live connections).
+# request to /stream/ (the page's live connections) and to tasks.json.
 RECORD_STREAMS = """
 window.streamRequests = [];
+window.rowRequests = [];
 const originalFetch = window.fetch;
 window.fetch = (input, init) => {
   const url = String(input instanceof Request ? input.url : input);
   if (url.includes("/stream/")) window.streamRequests.push(url);
+  if (url.includes("/tasks.json")) window.rowRequests.push(url);
   return originalFetch(input, init);
 };
 """
@@ -390,7 +403,10 @@ class DashboardBrowserTests(TransactionTestCase):
                 timeout=timeout + 10,
             )
         except Exception:
-            state = page.evaluate("() => document.querySelector('main').innerText")
+            state = page.evaluate(
+                "() => [...document.querySelectorAll('#tasks tbody tr')].map((tr) => tr.dataset.key + ' ' + "
+                "tr.dataset.status).join(', ') || document.querySelector('main').innerText"
+            )
             self.fail(f"the page never showed {condition} ({arg}): {state}; console: {page.console}")
 
     def wait_live(self, page):
@@ -421,13 +437,13 @@ class DashboardBrowserTests(TransactionTestCase):
         self.wait(page, "(key) => document.querySelector(`tr[data-key='${key}']`)", f"ExampleTask/{old.pk}")
         self.wait_live(page)
         page.evaluate("() => { window.sameDocument = true; }")
-        task = ScriptedTask.objects.create(steps=6, delay=0.4, result={"ok": True})
+        task = ScriptedTask.objects.create(steps=8, delay=0.5, result={"ok": True})
         key = f"ScriptedTask/{task.pk}"
         self.wait(page, "(key) => document.querySelector(`tr[data-key='${key}'][data-status=running]`)", key)
         self.assertEqual(self.row(page, key)["index"], 0)  # newest first: above the old one
         self.wait(
             page,
-            "(key) => /Step [3-6]/.test(document.querySelector(`tr[data-key='${key}']`).innerText)",
+            "(key) => /Step [3-8]/.test(document.querySelector(`tr[data-key='${key}']`).innerText)",
             key,
         )
         self.wait(
@@ -440,6 +456,19 @@ class DashboardBrowserTests(TransactionTestCase):
         streams = page.evaluate("() => window.streamRequests")
         self.assertEqual(len(streams), 1, streams)  # one connection for the whole list
         self.assertIn("/stream/?feed=", streams[0])
+
+    def test_a_burst_of_new_tasks_costs_a_few_requests(self):
+        page = self.open(LIST)
+        self.wait_live(page)
+        # One commit; the runner sees it without post_save (SQLite: its data_version watch).
+        ScriptedTask.objects.bulk_create([ScriptedTask(steps=2, delay=0.3) for _ in range(30)])
+        self.wait(
+            page, "() => document.querySelectorAll('#tasks tbody tr[data-status=completed]').length === 30"
+        )
+        requests = page.evaluate("() => window.rowRequests")
+        # The first page, then rows read in batches (new ones, then their ends), not one per task and event.
+        self.assertLessEqual(len(requests), 12, requests)
+        self.assertTrue(any(url.count("id=") > 1 for url in requests), requests)
 
     def test_live_rows_follow_the_filters(self):
         page = self.open(f"{LIST}?model=demo.ExampleTask")

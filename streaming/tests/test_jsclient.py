@@ -117,6 +117,13 @@ class ClientBrowserCase(TransactionTestCase):
         except Exception:
             self.fail(f"the page never saw {condition}: {self.log(page)}; console: {page.console}")
 
+    def start_when_open(self, page, *tasks) -> None:
+        """Start tasks created with status 'created' once the page's watch is open, so
+        a slow page load cannot let them run past the moment a test acts on."""
+        self.wait(page, "() => window.log.states.includes('open')")
+        for task in tasks:
+            self.assertTrue(task.start())
+
     def log(self, page) -> dict:
         return page.evaluate("() => window.log")
 
@@ -227,10 +234,11 @@ class WatchTaskTests(ClientBrowserCase):
         self.assertEqual(self.finished(page)["result"], {"value": {"ok": True}})
 
     def test_bearer_tokens_and_a_fresh_token_after_expiry(self):
-        task = PrivateTask.objects.create(steps=8, delay=0.4, result={"done": True})
-        short, fresh = task.stream_token(expires_in=1.5), task.stream_token(expires_in=60)
+        task = PrivateTask.objects.create(status="created", steps=8, delay=0.4, result={"done": True})
         page = self.open()
+        short, fresh = task.stream_token(expires_in=1.5), task.stream_token(expires_in=60)
         self.start(page, "task", {"model": "PrivateTask", "id": task.pk}, history=True, tokens=[short, fresh])
+        self.start_when_open(page, task)
         log = self.finished(page, timeout=30)
         self.assertEqual(log["result"], {"value": {"done": True}})
         task_events = [e for e in log["events"] if e["id"] is not None]
@@ -243,21 +251,23 @@ class WatchTaskTests(ClientBrowserCase):
         self.assertEqual(log["requests"][1]["headers"]["Last-Event-ID"], str(before_expiry[-1]["id"]))
 
     def test_an_expired_token_without_a_new_one_rejects(self):
-        task = PrivateTask.objects.create(steps=20, delay=0.3)
+        task = PrivateTask.objects.create(status="created", steps=20, delay=0.3)
         page = self.open()
         self.start(
             page, "task", {"model": "PrivateTask", "id": task.pk}, token=task.stream_token(expires_in=1)
         )
+        self.start_when_open(page, task)
         log = self.finished(page)
         self.assertEqual(log["result"]["error"]["reason"], "access_expired")
         self.assertEqual(len(log["requests"]), 1)
         task.cancel()
 
     def test_resumes_after_the_connection_drops(self):
-        task = ScriptedTask.objects.create(steps=8, delay=0.25)
+        task = ScriptedTask.objects.create(status="created", steps=8, delay=0.25)
         with TcpProxy("127.0.0.1", self.server.port) as proxy:
             page = self.open(f"http://127.0.0.1:{proxy.port}")
             self.start(page, "task", {"model": "ScriptedTask", "id": task.pk}, history=True)
+            self.start_when_open(page, task)
             self.wait(page, "() => window.log.events.length >= 3")
             proxy.reset()
             log = self.finished(page, timeout=30)
@@ -272,9 +282,10 @@ class WatchTaskTests(ClientBrowserCase):
 class RestartTests(ClientBrowserCase):
     def test_resumes_after_the_server_restarts(self):
         # RETRY: the restarted server runs the task again, numbering above what was sent.
-        task = ScriptedTask.objects.create(steps=6, delay=0.3, result={"ok": 1})
+        task = ScriptedTask.objects.create(status="created", steps=6, delay=0.3, result={"ok": 1})
         page = self.open()
         self.start(page, "task", {"model": "ScriptedTask", "id": task.pk}, history=True)
+        self.start_when_open(page, task)
         self.wait(page, "() => window.log.events.length >= 2")
         self.server.stop()
         self.server.start()
@@ -327,10 +338,11 @@ class MultiplexedTests(ClientBrowserCase):
         self.assertEqual(log["states"][-1], "ended")
 
     def test_resumes_every_task_at_its_cursor_after_a_drop(self):
-        tasks = [ScriptedTask.objects.create(steps=8, delay=0.25) for _ in range(2)]
+        tasks = [ScriptedTask.objects.create(status="created", steps=8, delay=0.25) for _ in range(2)]
         with TcpProxy("127.0.0.1", self.server.port) as proxy:
             page = self.open(f"http://127.0.0.1:{proxy.port}")
             self.start(page, "tasks", [f"ScriptedTask/{t.pk}" for t in tasks], history=True)
+            self.start_when_open(page, *tasks)
             self.wait(page, "() => window.log.events.length >= 6")
             proxy.reset()
             self.wait(page, "() => window.log.done !== null", timeout=30)
@@ -356,6 +368,40 @@ class MultiplexedTests(ClientBrowserCase):
         self.wait(page, "() => window.log.done !== null")
         self.assertEqual(self.log(page)["states"][-1], "closed")
         self.assertIn("feed=testapp%2FScriptedTask", log["requests"][0]["url"])
+
+    def test_cursors_given_and_a_204_settled_from_the_statuses(self):
+        done = ScriptedTask.objects.create(steps=2, result=["a"])
+        failed = FragileTask.objects.create(steps=2, fail_at=2)
+        wait_for(
+            lambda: (
+                ScriptedTask.objects.get(pk=done.pk).status == "completed"
+                and FragileTask.objects.get(pk=failed.pk).status == "failed"
+            ),
+            message="both tasks' ends",
+        )
+        page = self.open()
+        # Both resume after their last event: the server answers 204, the statuses say how they ended.
+        targets = [f"ScriptedTask/{done.pk}@3", {"model": "FragileTask", "id": failed.pk, "after": 2}]
+        self.start(page, "tasks", targets)
+        self.wait(page, "() => window.log.done !== null && Object.keys(window.log.results).length === 2")
+        log = self.log(page)
+        self.assertEqual(log["results"][f"ScriptedTask/{done.pk}"], {"value": ["a"]})
+        self.assertEqual(
+            log["results"][f"FragileTask/{failed.pk}"],
+            {"error": {"reason": "error", "message": "failing at step 2 as scripted"}},
+        )
+        self.assertEqual(log["events"], [])
+        stream, *statuses = log["requests"]
+        self.assertIn(f"task=ScriptedTask%2F{done.pk}%403", stream["url"])
+        self.assertIn(f"task=FragileTask%2F{failed.pk}%402", stream["url"])
+        self.assertEqual(
+            sorted(r["url"] for r in statuses),
+            sorted(
+                f"{self.server.url}/stream/{name}"
+                for name in (f"ScriptedTask/{done.pk}", f"FragileTask/{failed.pk}")
+            ),
+        )
+        self.assertEqual(log["done"], {"value": None})
 
     def test_a_refused_task_refuses_the_whole_request(self):
         public = ScriptedTask.objects.create(steps=1)

@@ -13,11 +13,14 @@ const config = JSON.parse(document.getElementById("streaming-dashboard").textCon
 const TERMINAL = new Set(TERMINAL_TYPES);
 const ENDED_STATUS = {complete: "completed", error: "failed", cancelled: "cancelled"};
 const STATUS_LABEL = {
-  created: "Created (not started)", pending: "Pending", running: "Running",
+  created: "Not started", pending: "Pending", running: "Running",
   completed: "Completed", failed: "Failed", cancelled: "Cancelled",
 };
+const STATUS_RANK = {created: 0, pending: 1, running: 2, completed: 3, failed: 3, cancelled: 3};
 const MAX_EVENT_ROWS = 5000; // the task page drops its oldest rows beyond this
 const MAX_LIST_ROWS = 200; // the list drops its oldest rows beyond this as new tasks arrive
+const REFRESH_MS = 150; // rows to read again are gathered this long, then read in one request
+const MAX_IDS = 50; // ids per tasks.json request (its page size)
 
 // -- small helpers ---------------------------------------------------------------
 
@@ -98,7 +101,6 @@ function listPage() {
   const body = table.tBodies[0];
   const state = document.getElementById("tasks-state");
   const rows = new Map(); // key ("<Model>/<id>") -> {data, tr}
-  const refreshing = new Map(); // key -> a timer: one fetch per burst of transitions
   const {filters} = config;
 
   // Changing a filter reloads the page with it (a plain GET form).
@@ -175,12 +177,22 @@ function listPage() {
     body.append(entry.tr);
   };
 
+  // A row read from tasks.json only adds to what the page knows: responses can
+  // come back out of order, and live events run ahead of the batched event log,
+  // so a status never goes back, and the newer latest event and any time known stay.
+  const merge = (current, row) => {
+    const merged = {...row};
+    if ((STATUS_RANK[current.status] ?? 0) > (STATUS_RANK[row.status] ?? 0)) merged.status = current.status;
+    if (current.latest && (!row.latest || current.latest.id > row.latest.id)) merged.latest = current.latest;
+    for (const field of ["started_at", "completed_at"]) merged[field] = row[field] || current[field];
+    merged.attempts = Math.max(row.attempts, current.attempts);
+    return merged;
+  };
+
   const upsert = (row, {fresh = false} = {}) => {
     let entry = rows.get(row.key);
     if (entry) {
-      // An event that arrived while the row was fetched is newer than the row.
-      if (entry.data.latest && (!row.latest || row.latest.id < entry.data.latest.id)) row.latest = entry.data.latest;
-      entry.data = row;
+      entry.data = merge(entry.data, row);
       draw(entry);
     } else {
       entry = {data: row, tr: element("tr")};
@@ -198,22 +210,35 @@ function listPage() {
     return entry;
   };
 
-  // Fetch one row again (a task we do not know, or one whose status changed).
+  // Rows to read again (tasks we do not know, or whose status changed), in one
+  // request per model and kind every REFRESH_MS, however many tasks start at once.
+  const queued = new Map(); // `${label}\n${known}` -> Set of ids
+  let flushTimer = null;
   const refresh = (key, model, id) => {
-    if (refreshing.has(key)) return;
-    refreshing.set(key, setTimeout(async () => {
-      refreshing.delete(key);
-      const known = rows.has(key);
-      // A new row must match the filters; a known one is updated whatever its status now.
-      const params = known ? new URLSearchParams({model, id}) : null;
-      const url = known ? `${config.rows}?${params}` : query({model, id});
-      try {
-        const {tasks} = await getJson(url);
-        if (tasks.length) upsert(tasks[0], {fresh: !known});
-      } catch (error) {
-        console.warn(`streaming dashboard: could not read ${key}`, error);
+    const known = rows.has(key);
+    const slot = `${model}\n${known}`;
+    if (!queued.has(slot)) queued.set(slot, new Set());
+    queued.get(slot).add(String(id));
+    flushTimer = flushTimer || setTimeout(flush, REFRESH_MS);
+  };
+  const flush = () => {
+    flushTimer = null;
+    const batches = [...queued];
+    queued.clear();
+    for (const [slot, ids] of batches) {
+      const [model, known] = slot.split("\n");
+      const all = [...ids];
+      for (let start = 0; start < all.length; start += MAX_IDS) {
+        const params = new URLSearchParams({model});
+        for (const id of all.slice(start, start + MAX_IDS)) params.append("id", id);
+        // A new row must match the filters; a known one is updated whatever its status now.
+        if (known === "false" && filters.status) params.set("status", filters.status);
+        getJson(`${config.rows}?${params}`).then(
+          ({tasks}) => { for (const row of tasks) upsert(row, {fresh: known === "false"}); },
+          (error) => console.warn(`streaming dashboard: could not read ${model} ${all}`, error),
+        );
       }
-    }, 150));
+    }
   };
 
   const onEvent = (event) => {

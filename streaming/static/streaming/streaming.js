@@ -413,7 +413,8 @@ export function watchTask(target, options = {}) {
  * Follow several tasks and/or feeds over one connection (the multiplexed stream).
  *
  * spec: {tasks: [target, ...], feeds: ["Report", "myapp/Export", ...]}; a target
- *   is "Report/7", "myapp/Report/7", a stream path or {model, id, app}.
+ *   is "Report/7", "myapp/Report/7", a stream path or {model, id, app}; "Report/7@12"
+ *   or {model, id, after: 12} resumes that task after its event 12.
  * options: on, onEvent, onState, token, history, base, credentials as for
  *   watchTask; onTask: (key, event) => ... the first event of a task the watch
  *   did not know (from a feed). Each event also has `key` ("<Model>/<id>").
@@ -445,7 +446,16 @@ export function watchStreams({tasks = [], feeds = []} = {}, options = {}) {
     }
     return entry;
   };
-  for (const target of tasks) track(taskName(target), true);
+  for (const target of tasks) {
+    // A target may say where to resume: "Model/id@n" or {model, id, after: n}.
+    let after = typeof target === "object" && target !== null ? target.after : undefined;
+    let name = target;
+    if (typeof target === "string" && /@\d+$/.test(target)) {
+      [name, after] = [target.slice(0, target.lastIndexOf("@")), target.slice(target.lastIndexOf("@") + 1)];
+    }
+    const entry = track(taskName(name), true);
+    if (after !== undefined && after !== null) entry.cursor = Number(after);
+  }
   const feedNames = feeds.map((feed) => String(feed));
 
   const setState = (state, detail) => {
