@@ -5,12 +5,18 @@
 #      at 127.0.0.1 (DATABASE_URL_DISTRIBUTED / REDIS_URL_DISTRIBUTED override).
 # With STREAMING_REQUIRE_DISTRIBUTED=1 (CI) the second run is a must.
 #   PYTHON=/path/to/python3.12 VENV=.venv-py312 scripts/test.sh   # another Python
+# DATABASE_URL_EMBEDDED names the first run's SQLite file (default: db.sqlite3
+# beside manage.py, so the test database is test_db.sqlite3 there); two runs
+# side by side (CI's two Pythons) need one each. SKIP_BOOTSTRAP=1: the venv is
+# ready (CI set it up before starting runs side by side).
 # Extra arguments go to `manage.py test` (e.g. a test label).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 export VENV
-scripts/bootstrap.sh
+if [ "${SKIP_BOOTSTRAP:-0}" != "1" ]; then
+  scripts/bootstrap.sh
+fi
 export PATH="$HOME/.local/bin:$PATH"
 if [ "$VENV" = ".venv" ]; then
   run_tests() { poetry run python manage.py test --noinput "$@"; }
@@ -19,7 +25,11 @@ else
 fi
 
 echo "==> test suite: SQLite, in-memory broker"
-(unset DATABASE_URL STREAMING_BROKER_URL STREAMING_REQUIRE_DISTRIBUTED; run_tests "$@")
+(
+  unset DATABASE_URL STREAMING_BROKER_URL STREAMING_REQUIRE_DISTRIBUTED
+  if [ -n "${DATABASE_URL_EMBEDDED:-}" ]; then export DATABASE_URL="$DATABASE_URL_EMBEDDED"; fi
+  run_tests "$@"
+)
 
 pg_url="${DATABASE_URL_DISTRIBUTED:-postgres://postgres@127.0.0.1:5432/test}"
 redis_url="${REDIS_URL_DISTRIBUTED:-redis://127.0.0.1:6379/0}"
