@@ -452,6 +452,13 @@ class ReadmeSnippetTests(ClientBrowserCase):
         self.wait(page, "() => document.querySelectorAll('#steps li').length === 2")
         steps = page.evaluate("() => [...document.querySelectorAll('#steps li')].map((li) => li.textContent)")
         self.assertEqual(steps, ["Step 1 of 2", "Step 2 of 2"])
-        wait_for(lambda: any(line.startswith("log: done") for line in page.console), message="the done log")
+        # Playwright's sync API hands over console messages only while a call of it
+        # runs: each look at the list makes one (an evaluate).
+        wait_for(
+            lambda: (
+                page.evaluate("() => true") and any(line.startswith("log: done") for line in page.console)
+            ),
+            message="the done log",
+        )
         done = next(line for line in page.console if line.startswith("log: done"))
         self.assertIn("Task completed successfully", done)
