@@ -42,6 +42,8 @@ from .metrics import PATH as METRICS_PATH
 from .metrics import Metrics
 
 if TYPE_CHECKING:
+    from django.contrib.auth.base_user import AbstractBaseUser
+
     from ..asgi import ASGIApp, Receive, Send  # at run time asgi imports this module
     from ..models import StreamTask
 
@@ -394,20 +396,13 @@ class StreamingApp:
             if not model.public_stream:
                 # Decided before the row is read: a request that proves nothing
                 # learns nothing (403 whether or not the task exists).
-                try:
-                    token = access.request_token(query, header_map)
-                except ValueError as exc:
-                    raise BadRequest(f"{exc}\n") from None
-                if token is not None:
-                    grant = access.read_token(token)  # InvalidToken, TokenExpired: 401
+                grant = _grant(query, header_map)
+                if grant is not None:
                     if TaskKey.of(model, pk) not in grant.keys:
                         raise forbidden(model, pk)
                     expires_at = grant.expires_at
                 else:
-                    # A page of another origin streams with its cookies only where
-                    # CORS_ALLOW_CREDENTIALS says so.
-                    session = access.session_key(header_map) if cookies else None
-                    user = await sync_to_async(access.session_user)(session) if session else None
+                    user = await _session_user(header_map, cookies)
                     if user is None:
                         raise forbidden(model, pk)
             # A status is read fresh; a stream can share a lookup in flight.
@@ -417,11 +412,8 @@ class StreamingApp:
                 raise forbidden(model, pk)
             if task is None:
                 raise NotFound(f"{model.stream_name()} {pk} not found\n")
-        except (BadRequest, NotFound, Forbidden) as exc:
-            return Reply(exc.status, str(exc))
-        except access.InvalidToken as exc:
-            challenge = f'Bearer error="invalid_token", error_description="{exc}"'.encode()
-            return Reply(401, f"{exc}\n", headers=((b"www-authenticate", challenge),))
+        except (BadRequest, NotFound, Forbidden, access.InvalidToken) as exc:
+            return _refusal(exc)
         if wants_status:
             return await self._status(task)
         key = TaskKey.of(model, task.pk)
@@ -432,8 +424,7 @@ class StreamingApp:
                 return Reply(204, "")
         admitted = limits.admit(key, client)
         if isinstance(admitted, str):
-            retry = ((b"retry-after", str(RETRY_AFTER).encode()),)
-            return Reply(503, f"{admitted}; retry later\n", headers=retry)
+            return _busy(admitted)
         return Opened(key, after, expires_at, admitted)
 
     async def _answer_many(
@@ -469,12 +460,8 @@ class StreamingApp:
             guarded = [key for key, (model, _, _) in wanted.items() if not model.public_stream]
             guarded_feeds = [model for model in feeds if not model.public_stream]
             if guarded or guarded_feeds:
-                try:
-                    token = access.request_token(query, header_map)
-                except ValueError as exc:
-                    raise BadRequest(f"{exc}\n") from None
-                if token is not None:
-                    grant = access.read_token(token)  # InvalidToken, TokenExpired: 401
+                grant = _grant(query, header_map)
+                if grant is not None:
                     for key in guarded:
                         if key not in grant.keys:
                             model, pk, _ = wanted[key]
@@ -484,8 +471,7 @@ class StreamingApp:
                             raise feed_forbidden(model)
                     expires_at = grant.expires_at
                 else:
-                    session = access.session_key(header_map) if cookies else None
-                    user = await sync_to_async(access.session_user)(session) if session else None
+                    user = await _session_user(header_map, cookies)
                     if user is None:
                         if guarded:
                             model, pk, _ = wanted[guarded[0]]
@@ -505,11 +491,8 @@ class StreamingApp:
                     raise forbidden(model, pk)
                 if task is None:
                     raise NotFound(f"{model.stream_name()} {pk} not found\n")
-        except (BadRequest, NotFound, Forbidden) as exc:
-            return Reply(exc.status, str(exc))
-        except access.InvalidToken as exc:
-            challenge = f'Bearer error="invalid_token", error_description="{exc}"'.encode()
-            return Reply(401, f"{exc}\n", headers=((b"www-authenticate", challenge),))
+        except (BadRequest, NotFound, Forbidden, access.InvalidToken) as exc:
+            return _refusal(exc)
         targets = tuple((key, after) for key, (_, _, after) in wanted.items())
         if not feeds and all(after is not None and rows[key].is_finished for key, after in targets):
             lasts = await sync_to_async(lambda: [store.last_event(key) for key, _ in targets])()
@@ -521,8 +504,7 @@ class StreamingApp:
                 return Reply(204, "")  # every task had ended before the client's cursors
         admitted = limits.admit(tuple(wanted), client)
         if isinstance(admitted, str):
-            retry = ((b"retry-after", str(RETRY_AFTER).encode()),)
-            return Reply(503, f"{admitted}; retry later\n", headers=retry)
+            return _busy(admitted)
         return OpenedMany(targets, tuple(feeds), expires_at, admitted)
 
     def attach_many(self, opened: OpenedMany, sink: Sink) -> Mux:
@@ -709,6 +691,37 @@ def _parse(
     if _history_all(query):
         after = 0 if after is None else after
     return model, pk, after, query
+
+
+def _grant(query: dict[str, list[str]], headers: dict[bytes, bytes]) -> "access.Grant | None":
+    """The grant of the request's stream token (None: it has none); raises
+    InvalidToken or TokenExpired (401) and BadRequest (a token sent twice)."""
+    try:
+        token = access.request_token(query, headers)
+    except ValueError as exc:
+        raise BadRequest(f"{exc}\n") from None
+    return None if token is None else access.read_token(token)
+
+
+async def _session_user(headers: dict[bytes, bytes], cookies: bool) -> "AbstractBaseUser | None":
+    """The user of the request's session cookie. A page of another origin
+    streams with its cookies only where CORS_ALLOW_CREDENTIALS says so
+    (``cookies``)."""
+    session = access.session_key(headers) if cookies else None
+    return await sync_to_async(access.session_user)(session) if session else None
+
+
+def _refusal(exc: Exception) -> Reply:
+    if isinstance(exc, access.InvalidToken):
+        challenge = f'Bearer error="invalid_token", error_description="{exc}"'.encode()
+        return Reply(401, f"{exc}\n", headers=((b"www-authenticate", challenge),))
+    assert isinstance(exc, BadRequest | NotFound | Forbidden)
+    return Reply(exc.status, str(exc))
+
+
+def _busy(reason: str) -> Reply:
+    """A stream refused at one of the limits: come back later."""
+    return Reply(503, f"{reason}; retry later\n", headers=((b"retry-after", str(RETRY_AFTER).encode()),))
 
 
 def _history_all(query: dict[str, list[str]]) -> bool:
