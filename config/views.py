@@ -18,7 +18,9 @@ code {{ background: #f0f2f5; padding: .1rem .3rem; border-radius: 4px; }}
 <li><a href="/admin/">The admin</a></li>
 <li>A stream: <code>curl {origin}/stream/ExampleTask/1</code></li>
 </ul>
-<p>No user yet? <code>python manage.py createsuperuser</code> (<code>scripts/demo.sh</code> makes one).</p>
+<p>No user yet? <code>scripts/demo.sh</code> makes a staff user for the dashboard
+(<code>python manage.py demo_user</code> does it again), or
+<code>python manage.py createsuperuser</code>.</p>
 </body></html>
 """
 

@@ -270,7 +270,7 @@ class MuxServerTests(ServerTestCase):
             ("", 400, "Name the tasks to stream"),
             ("task=ScriptedTask", 400, "Malformed task='ScriptedTask'"),
             ("task=ScriptedTask/abc", 400, "Malformed task id 'abc'"),
-            ("task=ScriptedTask/1@x", 400, "Malformed task id '1@x'"),
+            ("task=ScriptedTask/1@x", 400, "Malformed cursor 'x' in task='ScriptedTask/1@x'"),
             ("task=NoSuchModel/1", 404, "Unknown task model 'NoSuchModel'"),
             ("feed=NoSuchModel", 404, "Unknown task model 'NoSuchModel'"),
             ("feed=a/b/c", 400, "Malformed feed='a/b/c'"),

@@ -36,6 +36,7 @@ from ..models import Status
 from ..node import Node
 from ..tasks import store
 from ..tasks.registry import UnknownModel, resolve_model
+from .assets import Assets
 from .cors import PREFLIGHT_HEADERS, Cors, CrossOrigin
 from .limits import RETRY_AFTER, StreamLimits, client_address
 from .metrics import PATH as METRICS_PATH
@@ -165,6 +166,7 @@ class StreamingApp:
         self._guards: tuple[Cors, StreamLimits] | None = None  # from the node's settings
         self._ready_check: asyncio.Future[str | None] | None = None
         self._background: set[asyncio.Future[None]] = set()
+        self._assets = Assets()
         self._starting: asyncio.Future[Node] | None = None
         self._closed = False  # shut down: no request starts the node again
         self._lifespan_seen = False
@@ -191,8 +193,12 @@ class StreamingApp:
             if path == METRICS_PATH and self.metrics is not None:  # else the project's, if any
                 answer = await self.metrics.answer(scope["method"], scope["headers"])
                 return await _respond(send, Reply(*answer))
-            if path.startswith("/stream/"):
+            if path.startswith("/stream/") or path == "/stream":
                 return await self._stream_endpoint(scope, receive, send)
+            asset = self._assets.find(path) if scope["method"] in ("GET", "HEAD") else None
+            if asset is not None:
+                content_type, body = asset
+                return await _respond(send, Reply(200, body.decode(), content_type=content_type))
         if kind == "websocket" and (
             self.django_app is None
             or scope["path"].startswith("/stream/")
@@ -750,6 +756,11 @@ def _parse_target(value: str) -> "tuple[type[StreamTask], object, int | None]":
     match = MUX_TASK.match(value)
     if not match:
         raise BadRequest(f"Malformed task={value!r}: expected <Model>/<id> or <Model>/<id>@<last event id>\n")
+    if "@" in match["pk"]:
+        cursor = match["pk"].rpartition("@")[2]
+        raise BadRequest(
+            f"Malformed cursor {cursor!r} in task={value!r}: expected <Model>/<id>@<non-negative integer>\n"
+        )
     model = _resolve(match["app"], match["model"])
     after = match["after"]
     return model, _to_pk(model, match["pk"]), None if after is None else int(after)

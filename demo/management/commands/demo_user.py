@@ -27,8 +27,14 @@ class Command(BaseCommand):
         user.save()
         # The dashboard shows a model's tasks with its view permission; cancel and
         # start need change, re-run needs add (as in the admin).
+        # The demo's models, and the tasks of Django's tasks framework (the demo
+        # settings route @task functions to this server: streaming.EnqueuedTask).
+        steer = r"^(view|change|add)_"
         user.user_permissions.add(
-            *Permission.objects.filter(content_type__app_label="demo", codename__regex=r"^(view|change|add)_")
+            *Permission.objects.filter(content_type__app_label="demo", codename__regex=steer),
+            *Permission.objects.filter(
+                content_type__app_label="streaming", content_type__model="enqueuedtask", codename__regex=steer
+            ),
         )
         self.stdout.write(
             f"{'Created' if created else 'Reset'} the demo user: {username} / {password}\n"
