@@ -101,7 +101,7 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout=20.0) -> "ServerProcess":
+    def start(self, timeout=60.0) -> "ServerProcess":
         """Start it and wait until /health answers. At the first start, a port of
         ours taken between ``free_port()`` and the bind (by any socket on this
         busy machine) is swapped for another; a port the test gave, or one a
@@ -136,7 +136,15 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
         )
         log.close()
-        wait_for(self._healthy, timeout=timeout, message=f"server on {where} to be healthy")
+        try:
+            wait_for(self._healthy, timeout=timeout, message=f"server on {where} to be healthy")
+        except BaseException:
+            # Never leave a server behind: a stray one would go on claiming the
+            # test database's tasks under the next tests.
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(10)
+            raise
         return self
 
     def _healthy(self) -> bool:
