@@ -97,7 +97,11 @@ class SocketStream(asyncio.Protocol):
         self._app = app
         self._broker: Hub | None = None
         self._closer: asyncio.TimerHandle | None = None
-        self._drained: asyncio.Future[None] | None = None
+        # Who waits for the socket to drain: one subscriber, or several of a
+        # multiplexed stream. A future each, so a waiter cut off by its timeout
+        # cancels only its own, without a shared future behind asyncio.shield
+        # (an extra future and callbacks per wait, on the fanout's hot path).
+        self._drained: list[asyncio.Future[None]] = []
         self._opening: asyncio.Task[None] | None = None
         self._release: Callable[[], None] | None = None  # the stream's place under the limits
 
@@ -200,9 +204,9 @@ class SocketStream(asyncio.Protocol):
 
     async def drain(self) -> None:
         while self.paused and not self.transport.is_closing():
-            if self._drained is None or self._drained.done():  # several writers (a mux) share one wait
-                self._drained = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._drained)
+            waiter = asyncio.get_running_loop().create_future()
+            self._drained.append(waiter)
+            await waiter
 
     def end(self) -> None:
         self.transport.close()  # after what is buffered has been sent...
@@ -216,5 +220,8 @@ class SocketStream(asyncio.Protocol):
         reset(self.transport)
 
     def _wake_drain(self) -> None:
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        if self._drained:
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
