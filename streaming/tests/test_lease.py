@@ -83,9 +83,12 @@ class StalledRenewalTests(RunnerTestCase):
             self.assertIn('"type": "Interrupted"', events[-1].payload)
 
     async def test_the_deadline_moves_with_each_renewal(self):
-        settings = node_settings(LEASE_SECONDS=0.9, LEASE_MARGIN=0.3)
+        # Renewed every second, each proving 2.5 s: a renewal may come 1.5 s
+        # late (two suites side by side on a loaded CI machine) before the run
+        # stops. 0.9 s leases lost one there once, and the test with it.
+        settings = node_settings(LEASE_SECONDS=3, LEASE_MARGIN=0.5)
         async with Node(settings) as node:
-            task = await ScriptedTask.objects.acreate(steps=60, delay=0.05)  # 3 s: several leases long
+            task = await ScriptedTask.objects.acreate(steps=80, delay=0.05)  # 4 s: several renewals
             key = TaskKey.of(task)
             await eventually(lambda: key in node.runner.runs, message="the run")
             first = node.runner.runs[key].deadline
@@ -96,7 +99,7 @@ class StalledRenewalTests(RunnerTestCase):
             )
             await wait_status(task, "completed", timeout=10)
         events = await logged(task)
-        self.assertEqual([e.seq for e in events], list(range(1, 62)))  # 60 steps + complete: never stopped
+        self.assertEqual([e.seq for e in events], list(range(1, 82)))  # 80 steps + complete: never stopped
 
 
 class ResumedPastItsDeadlineTests(RunnerTestCase):

@@ -313,7 +313,7 @@ class CancellationTests(RunnerTestCase):
         async_to_sync(self._cancel_while_the_result_is_written)()
 
     async def _cancel_while_the_result_is_written(self):
-        async with Node(node_settings(LEASE_SECONDS=0.5)) as node:
+        async with Node(node_settings()) as node:
             task = await ScriptedTask.objects.acreate(status="created", steps=1, result={"ok": True})
             key = TaskKey.of(ScriptedTask, task.pk)
             seen = []
