@@ -706,10 +706,19 @@ class CutOffNodeTests(FencingTestCase):
         for watcher in watchers:
             watcher.join(30)
         self.settle(tasks)
-        retry, fail = self.fresh(tasks)
-        self.assertEqual((retry.status, retry.attempts), ("completed", 2))
-        self.assertEqual(fail.status, "failed")
         self.check_histories(tasks, watchers, {"A": a})
+        retry, fail = self.fresh(tasks)
+        said = [line for line in a.log().splitlines() if str(TaskKey.of(retry)) in line]
+        told = "\n".join(said[-20:])
+        self.assertEqual(retry.status, "completed", told)
+        if retry.attempts != 2:
+            # The proxy forwards in this (busy) process: on a loaded machine a
+            # renewal of the second run can come past its deadline too. That
+            # run stops and the policy runs the task once more: the contract,
+            # provided that is what happened.
+            self.assertEqual(retry.attempts, 3, told)
+            self.assertTrue(any("Lost the lease" in line and "(attempt 2)" in line for line in said), told)
+        self.assertEqual(fail.status, "failed")
 
 
 def pid_mark(server: ServerProcess) -> str:
