@@ -237,16 +237,18 @@ class StreamTask(models.Model):
     async def acancel(self) -> str:
         return await sync_to_async(self.cancel)()
 
-    def rerun(self) -> Self:
+    def rerun(self, **changes: Any) -> Self:
         """Run a finished task again, as a new row; returns the new task (pending).
 
         The new row copies this row's own fields (those of your subclass, read
         afresh from the database), not the bookkeeping of ``StreamTask``
-        (status, times, result, attempts, lease...). A new row and not a reset
+        (status, times, result, attempts, lease...); ``changes`` set fields of
+        the new row instead (``task.rerun(size=10)``), in the same INSERT, so
+        no runner can claim it before they are set. A new row and not a reset
         of this one: a stream ends at its terminal event, and whoever watches
         this id keeps seeing this run's finished history. Many-to-many
-        relations are not copied; override to copy them, or to change a field
-        for the new run (``new = super().rerun()``, then save it).
+        relations are not copied; override to copy them, or to reset fields
+        that describe a run (``return super().rerun(my_log=[], **changes)``).
         Raises ValueError for a task that is not finished.
         """
         model = type(self)
@@ -264,10 +266,10 @@ class StreamTask(models.Model):
             and field.name not in bookkeeping
             and not (field.remote_field is not None and field.remote_field.parent_link)
         }
-        return model.objects.create(**values, status=Status.PENDING)
+        return model.objects.create(**{**values, **changes, "status": Status.PENDING})
 
-    async def arerun(self) -> Self:
-        return await sync_to_async(self.rerun)()
+    async def arerun(self, **changes: Any) -> Self:
+        return await sync_to_async(self.rerun)(**changes)
 
     @property
     def is_finished(self) -> bool:
@@ -306,10 +308,14 @@ class StreamTask(models.Model):
 
         Asked in a worker thread. The default: the model's ``view`` permission,
         as for one task, unless the class overrides ``has_stream_permission``
-        (rules per row, e.g. owners): then only superusers, since a feed
-        shows every row. Override both for rules of your own.
+        or ``ahas_stream_permission`` (rules per row, e.g. owners): then only
+        superusers, since a feed shows every row. Override this too for rules
+        of your own.
         """
-        if cls.has_stream_permission is not StreamTask.has_stream_permission:
+        if (
+            cls.has_stream_permission is not StreamTask.has_stream_permission
+            or cls.ahas_stream_permission is not StreamTask.ahas_stream_permission
+        ):
             return bool(getattr(user, "is_superuser", False))
         opts = cls._meta
         has_perm: Callable[[str], bool] = getattr(user, "has_perm", lambda _perm: False)
@@ -365,6 +371,10 @@ class EnqueuedTask(StreamTask):
     class Meta:
         verbose_name = "enqueued task"
         indexes = [models.Index(fields=["status", "-priority", "id"], name="streaming_enqueued_claim")]
+
+    def rerun(self, **changes: Any) -> Self:
+        """The same call, enqueued again: a new result with a history of its own."""
+        return super().rerun(first_started_at=None, worker_ids=[], errors=[], **changes)
 
     async def process(self) -> Any:
         from .taskbackend import worker

@@ -8,6 +8,7 @@ Nothing here imports Django: the client runs in any Python program.
 import json
 import math
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -25,6 +26,9 @@ DEFAULT_MAX_DELAY = 30.0  # the longest wait between two reconnects
 MAX_RETRY_AFTER = 60.0  # the longest a 503's Retry-After is obeyed for
 MAX_MESSAGE = 300  # characters of an error answer's first line kept in the exception
 JITTER = 0.5  # each wait is spread over [delay, delay * (1 + JITTER)]
+# A stream open this long before it dropped was healthy (the server's
+# keep-alive comments arrive every 15 s by default): the count starts again.
+HEALTHY_STREAM = 10.0
 MAX_TASKS = 100  # task= per multiplexed stream request (the server's limit)
 # Client errors that asking again will not change (408 and 429 are worth a retry).
 FINAL_STATUSES = frozenset(range(400, 500)) - {408, 429}
@@ -189,8 +193,10 @@ class Reconnects:
     """When to reconnect and for how long to wait; when to give up.
 
     ``failures`` counts reconnects in a row that brought no event; an event
-    resets it, so a long stream survives any number of drops that each make
-    progress, while a server that keeps failing is given up on.
+    resets it, and so does a stream that stayed open ``HEALTHY_STREAM``
+    seconds (a quiet feed cut by a proxy's connection age is not failing).
+    So a long stream survives any number of drops that each make progress,
+    while a server that keeps failing is given up on.
     """
 
     def __init__(
@@ -210,6 +216,7 @@ class Reconnects:
         self.failures = 0
         self.connected_once = False
         self.last_problem: str | None = None
+        self._stream_opened: float | None = None
 
     def fresh(self) -> "Reconnects":
         """Another count with the same settings (for a request of its own)."""
@@ -232,6 +239,7 @@ class Reconnects:
         if status_code in (200, 204):
             self.connected_once = True
         if status_code == 200:
+            self._stream_opened = time.monotonic()
             return "stream"
         if status_code == 204:
             return "ended"
@@ -259,6 +267,9 @@ class Reconnects:
         if connecting and not self.connected_once and self.failures == 0:
             raise StreamConnectError(f"cannot connect to {self.url} ({problem}); is the server running?")
         self.last_problem = describe(problem) if problem is not None else "the server closed the stream"
+        opened, self._stream_opened = self._stream_opened, None
+        if opened is not None and time.monotonic() - opened >= HEALTHY_STREAM:
+            self.failures = 0
         self._count_failure()
         return self._delay()
 

@@ -12,6 +12,7 @@ from the event log, and joins the live set again once it has caught up.
 """
 
 import asyncio
+import contextlib
 import logging
 from bisect import bisect_right
 from collections.abc import AsyncGenerator, Iterator
@@ -446,48 +447,60 @@ class Hub:
 
     async def _catch_up(self, sub: Subscriber, *, drain_first: bool = False) -> None:
         """Send a subscriber what it misses, chunk by chunk, then make it live."""
-        channel, sink = sub.channel, sub.sink
+        sink = sub.sink
+        # The tasks of a mux share one sink: their catch-ups take turns, so a
+        # client that reads nothing holds one chunk of them, not one per task.
+        turn = getattr(sink, "turn", None) or contextlib.nullcontext()
         try:
             if drain_first and not await self._drained(sub):
                 return
             while not self._closing:
-                batch = self._from_memory(channel, sub.after)
-                if batch is None:
-                    batch = await self._history.read(sub.key, sub.after, self._history_size)
-                    logged = bool(batch)
-                    if channel.events:  # it may have filled while we read the log
-                        first_in_memory = channel.events[0].seq
-                        batch = [e for e in batch if e.seq < first_in_memory]
-                        if not batch:
-                            # A gap the log does not fill (persistence off), or
-                            # memory caught up meanwhile: go on from memory,
-                            # never back before what this client already has.
-                            if sub.after < first_in_memory - 1 and not logged:
-                                self.resumes_incomplete += 1  # nothing anywhere between: skipped
-                            sub.after = max(sub.after, first_in_memory - 1)
-                            continue
-                if batch:
-                    data, sub.after, terminal, count = next(self._pieces(batch))
-                    # Held no longer than this write: a client that reads nothing
-                    # keeps one chunk in its socket's buffer, not a log batch.
-                    del batch
-                    sink.write(data)
-                    self.delivered += count
-                    self.bytes_written += len(data)
-                    del data
-                    if terminal:
-                        return self._end(sub)
+                async with turn:
                     if sink.paused and not await self._drained(sub):
                         return
-                    continue
-                if channel.events and _ended_by(channel.events[-1], sub.after):
-                    return self._end(sub)
-                sub.task = None  # caught up: from now on _flush writes to it
-                return
+                    if not await self._catch_up_chunk(sub):
+                        return
             self._end(sub, hint=True)
         except Exception:
             logger.exception("Streaming %s failed", sub.key)
             self._end(sub, hint=True)
+
+    async def _catch_up_chunk(self, sub: Subscriber) -> bool:
+        """Write the subscriber's next chunk; False once it is live or ended."""
+        channel = sub.channel
+        batch = self._from_memory(channel, sub.after)
+        if batch is None:
+            batch = await self._history.read(sub.key, sub.after, self._history_size)
+            logged = bool(batch)
+            if channel.events:  # it may have filled while we read the log
+                first_in_memory = channel.events[0].seq
+                batch = [e for e in batch if e.seq < first_in_memory]
+                if not batch:
+                    # A gap the log does not fill (persistence off), or
+                    # memory caught up meanwhile: go on from memory,
+                    # never back before what this client already has.
+                    if sub.after < first_in_memory - 1 and not logged:
+                        self.resumes_incomplete += 1  # nothing anywhere between: skipped
+                    sub.after = max(sub.after, first_in_memory - 1)
+                    return True
+        if batch:
+            data, sub.after, terminal, count = next(self._pieces(batch))
+            # Held no longer than this write: a client that reads nothing
+            # keeps one chunk in its socket's buffer, not a log batch.
+            del batch
+            sub.sink.write(data)
+            self.delivered += count
+            self.bytes_written += len(data)
+            del data
+            if terminal:
+                self._end(sub)
+                return False
+            return True
+        if channel.events and _ended_by(channel.events[-1], sub.after):
+            self._end(sub)
+            return False
+        sub.task = None  # caught up: from now on _flush writes to it
+        return False
 
     async def _drained(self, sub: Subscriber) -> bool:
         """Wait for the sink to accept data again; cut off a client that reads nothing."""

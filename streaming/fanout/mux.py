@@ -43,6 +43,11 @@ class TaskView:
     def paused(self) -> bool:
         return self.mux.sink.paused
 
+    @property
+    def turn(self) -> asyncio.Lock:
+        """Held by one catch-up of the mux at a time (the hub's ``_catch_up``)."""
+        return self.mux.turn
+
     def write(self, data: bytes) -> None:
         self.mux.sink.write(data)
 
@@ -66,6 +71,7 @@ class Mux:
         self.sink = sink
         self.feeds = feeds  # model labels whose newly started tasks join
         self.views: dict[TaskKey, TaskView] = {}
+        self.turn = asyncio.Lock()
         self.ended: OrderedDict[TaskKey, None] = OrderedDict()
         self.closed = False
         self._expiry: asyncio.TimerHandle | None = None

@@ -180,6 +180,11 @@ class RerunTests(TestCase):
         task.refresh_from_db()
         self.assertEqual((task.status, task.attempts), ("failed", 2))  # the old row stays as it was
 
+    def test_changes_set_fields_of_the_new_row(self):
+        task = ScriptedTask.objects.create(steps=7, delay=0.5, status="completed")
+        new = ScriptedTask.objects.get(pk=task.rerun(steps=3).pk)
+        self.assertEqual((new.steps, new.delay, new.status), (3, 0.5, "pending"))
+
     def test_reads_the_row_afresh(self):
         task = ContinueTask.objects.create(status="running", message="first")
         ContinueTask.objects.filter(pk=task.pk).update(status="completed", message="from the row")

@@ -7,9 +7,11 @@ server: ``GET /stream/?task=<Model>/<id>[@<after>]&feed=<Model>``.
 import asyncio
 import threading
 import time
+from unittest import mock
 
 import httpx
 from django.contrib.auth.models import Permission, User
+from django.test import TestCase
 
 from streaming import access
 from streaming.events import KEEPALIVE, retry_hint
@@ -101,6 +103,20 @@ class MuxHubTests(BrokerTestCase):
         seen = by_task(await reading)
         for name in "abc":
             self.assertEqual(seen[name], list(range(1, 201)), name)
+
+    async def test_a_client_that_reads_nothing_holds_one_chunk_whatever_the_number_of_tasks(self):
+        self.make(history_size=20, max_chunk=400)  # catch-ups read the log, a chunk at a time
+        keys = [TaskKey("testapp.scriptedtask", str(n)) for n in range(1, 31)]
+        for key in keys:
+            await self.publish(*(ev(seq, task=key.pk) for seq in range(1, 100)), key=key)
+            await self.publish(ev(100, "complete", task=key.pk), key=key)
+        _mux, sink = self.open(*((key, 0) for key in keys))
+        await eventually(lambda: sink.chunks, message="a first chunk")
+        for _ in range(20):
+            await asyncio.sleep(0.005)  # every catch-up has had its turn
+        self.assertEqual(len(sink.chunks), 1, "one chunk waits, not one per task")
+        seen = by_task(await self.consume(sink))
+        self.assertEqual(seen, {key.pk: list(range(1, 101)) for key in keys})  # then all of it, once
 
     async def test_a_cursor_at_a_tasks_end_counts_as_ended(self):
         self.make()
@@ -355,6 +371,18 @@ class MuxAccessTests(AccessCase):
         self.assertEqual(opened, 200)
         self.assertEqual(_opens(feed + f"&token={access.stream_token(feeds=[PrivateTask])}"), 200)
 
+    def test_a_feed_grant_covers_the_tasks_named_beside_it(self):
+        # How clients resume a feed: the tasks it brought them, with their cursors.
+        task = PrivateTask.objects.create(steps=2)
+        self.wait_status(task, "completed")
+        resume = self.mux("feed=PrivateTask", f"task=PrivateTask/{task.pk}@1")
+        feed_token = access.stream_token(feeds=[PrivateTask])
+        status, _, events = read_all(resume + f"&token={feed_token}", until=lambda seen: len(seen) >= 2)
+        self.assertEqual(status, 200)
+        self.assertEqual([(e.id, e.event) for e in events], [(2, "step"), (3, "complete")])
+        alone = self.mux(f"task=PrivateTask/{task.pk}@1", f"token={feed_token}")
+        self.assertRefused(self.get(alone), 403, f"PrivateTask {task.pk}")  # no feed asked: its own rule
+
     def test_a_models_per_row_rule_keeps_its_feed_to_superusers(self):
         user = User.objects.create_user("viewer", password="x")
         user.user_permissions.add(Permission.objects.get(codename="view_ownedtask"))
@@ -363,6 +391,22 @@ class MuxAccessTests(AccessCase):
         self.assertRefused(self.get(feed, cookie=self.session_cookie(user)), 403, "Not allowed to follow")
         root = User.objects.create_superuser("root", password="x")
         self.assertEqual(_opens(feed, cookie=self.session_cookie(root)), 200)
+
+
+class FeedPermissionTests(TestCase):
+    def test_a_rule_per_row_in_either_hook_keeps_the_feed_to_superusers(self):
+        viewer = User.objects.create_user("viewer", password="x")
+        viewer.user_permissions.add(Permission.objects.get(codename="view_privatetask"))
+        viewer = User.objects.get(pk=viewer.pk)
+        root = User.objects.create_superuser("root", password="x")
+        self.assertTrue(PrivateTask.has_feed_permission(viewer))  # no rule per row: the view permission
+
+        async def owner_only(task, user):
+            return False
+
+        with mock.patch.object(PrivateTask, "ahas_stream_permission", owner_only):
+            self.assertFalse(PrivateTask.has_feed_permission(viewer))
+            self.assertTrue(PrivateTask.has_feed_permission(root))
 
 
 def _opens(url: str, **headers) -> int:

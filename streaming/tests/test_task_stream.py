@@ -270,6 +270,21 @@ class WaitTests(ClientCase):
 
 
 class GiveUpTests(ClientCase):
+    def test_streams_that_stay_open_a_while_are_not_failures_even_without_events(self):
+        # A quiet stream cut now and then (a proxy's connection age): healthy.
+        quiet = stream(b": keep-alive\n\n", Pause(0.3))
+        with mock.patch("streaming.client.protocol.HEALTHY_STREAM", 0.2):
+            for kind in self.each_kind():
+                scripts = (quiet, quiet, quiet, quiet, stream(sse("complete", 1, {})))
+                with ScriptedServer(*scripts) as server, instant_sleeps():
+                    events, outcome = drive(kind, server.url(), max_reconnects=2)
+                self.assertIsNone(outcome)
+                self.assertEqual(ids(events), ["1"])
+                # Dropped at once, the same streams are failures: given up on.
+                with ScriptedServer(*[stream(b": keep-alive\n\n")] * 3) as server, instant_sleeps():
+                    events, outcome = drive(kind, server.url(), max_reconnects=2)
+                self.assertIsInstance(outcome, StreamGaveUp)
+
     def test_iterating_again_after_giving_up_starts_a_new_count(self):
         busy = reply(503, "busy\n", headers="retry-after: 1\r\n")
         with (

@@ -184,6 +184,22 @@ class BackendTests(TestCase):
         with self.assertRaisesMessage(ValueError, "failed"):
             result.return_value  # noqa: B018
 
+    def test_run_again_is_a_new_result_with_a_history_of_its_own(self):
+        result = jobs.add.enqueue(2, 3)
+        EnqueuedTask.objects.filter(pk=result.id).update(
+            status="failed",
+            attempts=2,
+            first_started_at=timezone.now(),
+            worker_ids=["node-a", "node-b"],
+            errors=[{"attempt": 2, "exception_class_path": "builtins.ValueError", "traceback": "..."}],
+        )
+        again = EnqueuedTask.objects.get(pk=result.id).rerun()
+        new = default_task_backend.get_result(str(again.pk))
+        self.assertEqual((new.status, new.args, new.attempts), (TaskResultStatus.READY, [2, 3], 0))
+        self.assertEqual((new.errors, new.worker_ids, new.started_at), ([], [], None))
+        old = default_task_backend.get_result(result.id)  # keeps its own
+        self.assertIn("builtins.ValueError", [e.exception_class_path for e in old.errors])
+
     def test_cancel_before_a_runner_takes_it(self):
         result = jobs.add.enqueue(1, 1)
         self.assertEqual(result.cancel(), "pending")  # a runner ends it as cancelled, without running it

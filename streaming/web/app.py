@@ -463,7 +463,11 @@ class StreamingApp:
                 raise BadRequest(f"Too many tasks: at most {MAX_MUX_TASKS} task= per stream\n")
             user = None
             expires_at: float | None = None
-            guarded = [key for key, (model, _, _) in wanted.items() if not model.public_stream]
+            # A task of a model whose feed the request opens is the feed's to
+            # grant: clients resume a feed naming the tasks it brought them.
+            guarded = [
+                key for key, (model, _, _) in wanted.items() if not model.public_stream and model not in feeds
+            ]
             guarded_feeds = [model for model in feeds if not model.public_stream]
             if guarded or guarded_feeds:
                 grant = _grant(query, header_map)
@@ -492,6 +496,7 @@ class StreamingApp:
                 if (
                     user is not None
                     and not model.public_stream
+                    and model not in feeds
                     and (task is None or not await task.ahas_stream_permission(user))
                 ):
                     raise forbidden(model, pk)
