@@ -10,6 +10,9 @@ from ..keys import TaskKey
 from ..models import Status, StreamTask, TaskEvent
 
 PAGE_SIZE = 50
+# The list's last page. A page reads page * PAGE_SIZE + 1 rows per model
+# (list_rows): at most 5,001 here. Older tasks: filter by model or status.
+MAX_PAGE = 100
 ROW_FIELDS = ("pk", "status", "attempts", "created_at", "started_at", "completed_at")
 
 
@@ -79,7 +82,9 @@ def list_rows(
 
     Each model gives its newest ``page * PAGE_SIZE + 1`` rows (one indexed query
     each), merged by creation time: cheap for the first pages, which are the
-    ones a live list is for.
+    ones a live list is for. Not an OFFSET per model: where a page starts in
+    one model depends on the others' newer rows. MAX_PAGE bounds the rows
+    read; its page says no older page.
     """
     take = page * PAGE_SIZE + 1
     tasks: list[StreamTask] = []
@@ -96,4 +101,5 @@ def list_rows(
     for model in models:
         on_page = [t.pk for t in shown if type(t) is model]
         latest.update({(model_id(model), pk): e for pk, e in latest_events(model, on_page).items()})
-    return [row(t, latest.get((model_id(type(t)), str(t.pk)))) for t in shown], len(tasks) > page * PAGE_SIZE
+    has_next = len(tasks) > page * PAGE_SIZE and page < MAX_PAGE
+    return [row(t, latest.get((model_id(type(t)), str(t.pk)))) for t in shown], has_next

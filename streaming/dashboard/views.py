@@ -71,8 +71,11 @@ def _filters(request: HttpRequest) -> tuple[list[type[StreamTask]], str | None, 
     if status is not None and status not in Status.values:
         raise BadInput(f"Unknown status {status!r}: use one of {', '.join(Status.values)}")
     raw_page = request.GET.get("page", "1")
-    if not raw_page.isdigit() or int(raw_page) < 1 or int(raw_page) > 1000:
-        raise BadInput(f"Bad page {raw_page!r}: a number from 1 to 1000")
+    if not raw_page.isdecimal() or not 1 <= int(raw_page) <= rows.MAX_PAGE:
+        raise BadInput(
+            f"Bad page {raw_page!r}: a number from 1 to {rows.MAX_PAGE} (the newest "
+            f"{rows.MAX_PAGE * rows.PAGE_SIZE:,} tasks); filter by model or status to reach older ones"
+        )
     return models, status, int(raw_page)
 
 

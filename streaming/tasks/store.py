@@ -115,8 +115,15 @@ def claim_pending(
     """Take up to ``limit`` pending tasks for ``owner``; each goes to one runner only.
 
     PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` hands concurrent
-    runners disjoint rows. SQLite (one writer at a time): a conditional
-    ``UPDATE ... WHERE status='pending'`` per row, which only one runner wins.
+    runners disjoint rows, one transaction per model. SQLite (one writer at a
+    time): a conditional ``UPDATE ... WHERE status='pending'`` per row, which
+    only one runner wins, each in its own transaction.
+
+    A database error stops the claim: it is raised when nothing was claimed
+    yet; otherwise logged, and the claims committed so far are returned, so
+    they run (raised, they would sit "running" with no run until their lease
+    ran out and recovery failed them). A claim whose transaction did not
+    commit is never returned: its rows stay pending for the next step.
     """
     skip_locked = connection.features.has_select_for_update_skip_locked
     settings = settings or get_settings()
@@ -125,29 +132,50 @@ def claim_pending(
         wanted = limit - len(claims)
         if wanted <= 0:
             break
-        pending = model.claimable(model.objects.filter(status=Status.PENDING), settings)
-        if skip_locked:
-            with bounded_transaction():
-                pks = list(pending.select_for_update(skip_locked=True).values_list("pk", flat=True)[:wanted])
-                claims.extend(c for pk in pks if (c := _take(model, pk, owner, lease_seconds)))
-            continue
-        for pk in list(pending.values_list("pk", flat=True)[:wanted]):
-            try:
-                with bounded_transaction():
-                    claim = _take(model, pk, owner, lease_seconds)
-            except Exception:
-                if not claims:
-                    raise
-                # The rows claimed so far are committed: they must run (or
-                # they would sit "running" here with no run until recovery
-                # failed them). The rest waits for the next step.
-                logger.exception(
-                    "Claiming %s %s failed; running the %d claimed", model.__name__, pk, len(claims)
-                )
-                return claims
-            if claim:
-                claims.append(claim)
+        try:
+            if skip_locked:
+                _claim_locked(model, wanted, owner, lease_seconds, settings, claims)
+            else:
+                _claim_each(model, wanted, owner, lease_seconds, settings, claims)
+        except Exception:
+            if not claims:
+                raise
+            logger.exception("Claiming %s failed; running the %d claimed", model.__name__, len(claims))
+            return claims
     return claims
+
+
+def _claim_locked(
+    model: type[StreamTask],
+    wanted: int,
+    owner: str,
+    lease_seconds: float,
+    settings: "StreamingSettings",
+    claims: list[Claim],
+) -> None:
+    """PostgreSQL: ``model``'s rows in one transaction; added to ``claims`` once it committed."""
+    with bounded_transaction():
+        pending = model.claimable(model.objects.filter(status=Status.PENDING), settings)
+        pks = list(pending.select_for_update(skip_locked=True).values_list("pk", flat=True)[:wanted])
+        taken = [c for pk in pks if (c := _take(model, pk, owner, lease_seconds))]
+    claims.extend(taken)
+
+
+def _claim_each(
+    model: type[StreamTask],
+    wanted: int,
+    owner: str,
+    lease_seconds: float,
+    settings: "StreamingSettings",
+    claims: list[Claim],
+) -> None:
+    """SQLite: ``model``'s rows one transaction each; each added to ``claims`` once it committed."""
+    pending = model.claimable(model.objects.filter(status=Status.PENDING), settings)
+    for pk in list(pending.values_list("pk", flat=True)[:wanted]):
+        with bounded_transaction():
+            claim = _take(model, pk, owner, lease_seconds)
+        if claim:
+            claims.append(claim)
 
 
 def _take(model: type[StreamTask], pk: object, owner: str, lease_seconds: float) -> Claim | None:

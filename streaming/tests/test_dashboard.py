@@ -10,6 +10,7 @@ the pages in Chromium against a real server.
 import json
 import unittest
 from io import StringIO
+from unittest import mock
 
 from django.conf import settings
 from django.contrib.auth.models import Permission, User
@@ -21,6 +22,7 @@ from django.db import connection
 from django.test import Client, TestCase, TransactionTestCase, override_settings
 
 from demo.models import ContinueTask, ExampleTask
+from streaming.dashboard import rows as dashboard_rows
 from streaming.models import Status
 from streaming.tests.testapp.models import ScriptedTask
 
@@ -171,6 +173,13 @@ class ListTests(DashboardCase):
         self.assertEqual((len(second["tasks"]), second["has_next"]), (1, False))
         self.assertFalse({r["key"] for r in first["tasks"]} & {r["key"] for r in second["tasks"]})
 
+    def test_the_last_page_has_no_next(self):
+        ExampleTask.objects.bulk_create([ExampleTask(status="completed", message=str(n)) for n in range(101)])
+        with mock.patch.object(dashboard_rows, "MAX_PAGE", 2):
+            last = self.rows(page=2)
+            self.assertEqual((len(last["tasks"]), last["has_next"]), (50, False))  # 1 older: past the cap
+            self.assertEqual(self.client.get(ROWS, {"page": 3}).status_code, 400)
+
     def test_one_row_by_id_with_its_outcome(self):
         task = ExampleTask.objects.create(status="completed", final_value={"answer": 42})
         ExampleTask.objects.create(status="completed")
@@ -199,6 +208,10 @@ class ListTests(DashboardCase):
             (("model", "demo.Nope"),): "Unknown model 'demo.Nope'",
             (("page", "0"),): "Bad page '0'",
             (("page", "x"),): "Bad page 'x'",
+            (("page", "\u00b2"),): "Bad page '\u00b2'",  # a digit to isdigit(), not to int()
+            # Past the last page (it reads page * 50 + 1 rows per model): a 400, not the work.
+            (("page", "101"),): "Bad page '101': a number from 1 to 100 (the newest 5,000 tasks)",
+            (("page", "1000"),): "Bad page '1000': a number from 1 to 100",
             (("id", "3"),): "id needs model",
             (("model", "demo.ExampleTask"), ("id", "x")): "Bad id 'x' for demo.ExampleTask",
         }

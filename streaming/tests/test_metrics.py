@@ -25,6 +25,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
 from django.test import SimpleTestCase, TransactionTestCase, override_settings
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,6 +34,7 @@ from streaming.checks import check_metrics
 from streaming.node import Node
 from streaming.tasks.eventlog import EventLog
 from streaming.tests.testapp.models import FragileTask, ScriptedTask
+from streaming.web import metrics as web_metrics
 from streaming.web.metrics import Recorder
 
 from .servercase import ServerTestCase
@@ -338,6 +340,80 @@ class RunnerRecordTests(TransactionTestCase):
         self.assertRegex(
             "\n".join(logs.output), rf"Task {MODEL}:{task.pk} handed_back \(attempt 1, [\d.]+ s\)"
         )
+
+
+AUTH = [(b"authorization", f"Bearer {TOKEN}".encode())]
+GAUGE = "streaming_cluster_tasks"
+
+
+class ClusterCountTests(TransactionTestCase):
+    """The count of task rows behind streaming_cluster_tasks: off the node's database
+    thread (claims, renewals and the event log run there), one at a time."""
+
+    async def test_a_count_runs_off_the_nodes_database_thread_and_closes_its_connection(self):
+        await ScriptedTask.objects.acreate(status="created")  # not claimed: counted as created
+        gate = threading.Event()
+        seen = {}
+        real_count = web_metrics.count_tasks
+
+        def held_count():
+            seen["thread"] = threading.get_ident()
+            gate.wait(10)
+            counts = real_count()
+            seen["connection"] = connections["default"]  # the one the count used
+            return counts
+
+        async with serving(METRICS=True, METRICS_TOKEN=TOKEN) as (app, _port):
+            with mock.patch.object(web_metrics, "count_tasks", held_count):
+                scraping = asyncio.ensure_future(app.metrics.answer("GET", AUTH))
+                try:
+                    await eventually(lambda: "thread" in seen, message="the count to start")
+                    # While the count runs, the node's database thread answers at once.
+                    node_thread = await asyncio.wait_for(sync_to_async(threading.get_ident)(), 2)
+                finally:
+                    gate.set()
+                reply = await scraping
+        self.assertNotEqual(seen["thread"], node_thread)
+        self.assertIsNone(seen["connection"].connection, "the count's connection was left open")
+        self.assertIn(f'{GAUGE}{{model="{MODEL}",status="created"}} 1.0', reply.body)
+
+    async def test_a_scrape_during_a_count_waits_for_it_and_starts_no_other(self):
+        gate = threading.Event()
+        started = []
+
+        def held_count():
+            started.append(1)
+            gate.wait(10)
+            return [((MODEL, "pending"), len(started))]  # the figures say which count it was
+
+        async with serving(METRICS=True, METRICS_TOKEN=TOKEN, READY_TIMEOUT=0.5) as (app, _port):
+            with (
+                mock.patch.object(web_metrics, "count_tasks", held_count),
+                self.assertLogs("streaming.web.metrics", "WARNING") as logs,
+            ):
+                try:
+                    # The first count outlasts READY_TIMEOUT: no figures to answer with yet.
+                    first = await app.metrics.answer("GET", AUTH)
+                    # A scrape while it runs: it waits for that count, and starts none of its own.
+                    joining = asyncio.ensure_future(app.metrics.answer("GET", AUTH))
+                    for _ in range(5):
+                        await asyncio.sleep(0)  # it reaches its wait
+                    gate.set()
+                    joined = await joining
+                    self.assertEqual(len(started), 1, "a scrape started a count while one ran")
+                    gate.clear()
+                    # A second count, held: the answer has the first one's figures.
+                    held = await app.metrics.answer("GET", AUTH)
+                    self.assertEqual(len(started), 2)
+                finally:
+                    gate.set()
+        self.assertEqual((first.status, joined.status, held.status), (200, 200, 200))
+        self.assertNotIn(GAUGE, first.body)
+        self.assertIn(f'{GAUGE}{{model="{MODEL}",status="pending"}} 1.0', joined.body)
+        self.assertIn(f'{GAUGE}{{model="{MODEL}",status="pending"}} 1.0', held.body)
+        self.assertEqual(len(logs.records), 2)
+        self.assertIn("takes over READY_TIMEOUT (0.5 s); leaving them out", logs.output[0])
+        self.assertIn("takes over READY_TIMEOUT (0.5 s); answering with the last count", logs.output[1])
 
 
 # -- end to end ---------------------------------------------------------------------

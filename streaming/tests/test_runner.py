@@ -15,7 +15,7 @@ from datetime import timedelta
 from unittest import mock
 
 from asgiref.sync import async_to_sync, sync_to_async
-from django.db import connections
+from django.db import DatabaseError, OperationalError, connection, connections
 from django.test import TransactionTestCase
 from django.utils import timezone
 
@@ -827,3 +827,105 @@ class RobustnessTests(RunnerTestCase):
             await log.flush()
         count = await TaskEvent.objects.filter(task_id="424242").acount()
         self.assertEqual(count, 300)
+
+
+class ClaimFailureTests(TransactionTestCase):
+    """store.claim_pending when the database fails partway, on both paths (PostgreSQL:
+    one transaction per model; SQLite: one per row). Claims committed before the
+    failure are returned (the runner runs them); one whose transaction did not
+    commit never is. Called directly: no runner touches the rows after."""
+
+    OWNER = "node-a"
+
+    def claim(self):
+        return store.claim_pending([ScriptedTask, GeneratorTask], 10, self.OWNER, 60)
+
+    def assert_returned_is_what_is_held(self, claims):
+        """Every row now running under OWNER is a returned claim, and the other way round."""
+        returned = {(type(c.instance), c.instance.pk) for c in claims}
+        held = {
+            (model, pk)
+            for model in (ScriptedTask, GeneratorTask)
+            for pk in model.objects.filter(status="running", lease_owner=self.OWNER).values_list(
+                "pk", flat=True
+            )
+        }
+        self.assertEqual(returned, held)
+
+    def test_an_error_on_a_later_model_returns_the_claims_already_committed(self):
+        first = ScriptedTask.objects.create(steps=1)
+        second = GeneratorTask.objects.create()
+        locked = OperationalError("database is locked")
+        with (
+            mock.patch.object(GeneratorTask, "claimable", side_effect=locked),
+            self.assertLogs("streaming.tasks.store", "ERROR") as logs,
+        ):
+            claims = self.claim()
+        self.assertEqual([(type(c.instance), c.instance.pk) for c in claims], [(ScriptedTask, first.pk)])
+        first.refresh_from_db()
+        self.assertEqual((first.status, first.lease_owner), ("running", self.OWNER))
+        second.refresh_from_db()
+        self.assertEqual((second.status, second.lease_owner), ("pending", None))
+        self.assertEqual(len(logs.records), 1)
+        self.assertIn("Claiming GeneratorTask failed; running the 1 claimed", logs.output[0])
+        self.assert_returned_is_what_is_held(claims)
+
+    def test_nothing_claimed_yet_the_error_is_raised(self):
+        ScriptedTask.objects.create(steps=1)
+        locked = OperationalError("database is locked")
+        with (
+            mock.patch.object(ScriptedTask, "claimable", side_effect=locked),
+            self.assertRaisesMessage(OperationalError, "database is locked"),
+        ):
+            self.claim()  # the runner logs its failed step and tries again
+
+    def test_a_claim_whose_commit_fails_is_not_returned(self):
+        # Each model here has one row, so the second commit is GeneratorTask's
+        # on both paths: its update ran, and was rolled back.
+        first = ScriptedTask.objects.create(steps=1)
+        second = GeneratorTask.objects.create()
+        default = connections["default"]
+        real_commit = default.commit
+        commits = []
+
+        def failing_second(*args, **kwargs):
+            commits.append(1)
+            if len(commits) == 2:
+                raise DatabaseError("could not serialize access")
+            return real_commit(*args, **kwargs)
+
+        with (
+            mock.patch.object(default, "commit", failing_second),
+            self.assertLogs("streaming.tasks.store", "ERROR"),
+        ):
+            claims = self.claim()
+        self.assertEqual(len(commits), 2)
+        self.assertEqual([(type(c.instance), c.instance.pk) for c in claims], [(ScriptedTask, first.pk)])
+        second.refresh_from_db()
+        self.assertEqual((second.status, second.lease_owner, second.attempts), ("pending", None, 0))
+        self.assert_returned_is_what_is_held(claims)
+
+    def test_an_error_after_a_take_returns_only_committed_rows(self):
+        # The second model has two rows and fails on its second: PostgreSQL rolls
+        # back its first as well (one transaction), SQLite committed it (its own).
+        ScriptedTask.objects.create(steps=1)
+        GeneratorTask.objects.create()
+        GeneratorTask.objects.create()
+        real_take = store._take
+        taken = []
+
+        def failing_second_generator(model, pk, *args):
+            taken.append((model, pk))
+            if model is GeneratorTask and len([m for m, _ in taken if m is GeneratorTask]) == 2:
+                raise OperationalError("server closed the connection unexpectedly")
+            return real_take(model, pk, *args)
+
+        with (
+            mock.patch.object(store, "_take", failing_second_generator),
+            self.assertLogs("streaming.tasks.store", "ERROR"),
+        ):
+            claims = self.claim()
+        on_postgresql = connection.features.has_select_for_update_skip_locked
+        self.assertEqual(len(claims), 1 if on_postgresql else 2)
+        self.assert_returned_is_what_is_held(claims)
+        self.assertEqual(GeneratorTask.objects.filter(status="pending").count(), 2 if on_postgresql else 1)

@@ -13,7 +13,8 @@ reads them:
 
 Per task (claims, run durations, recoveries) the runner tells ``Recorder``,
 which observes prometheus-client's metrics directly. Task rows by model and
-status are the cluster's, read from the database when scraped.
+status are the cluster's, counted in the database when scraped: off the
+node's database thread, one count at a time (``Metrics._cluster_tasks``).
 
 Who may read: a staff user's session, or ``Authorization: Bearer`` with
 METRICS_TOKEN (compared in constant time); 401 for a wrong token, 403
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from asgiref.sync import sync_to_async
+from django.db import connections
 from django.utils.crypto import constant_time_compare
 
 from .. import access
@@ -262,15 +264,29 @@ CLUSTER_TASKS_HELP = (
 )
 
 
-def count_tasks() -> list[tuple[tuple[str, str], int]]:
+TaskCounts = list[tuple[tuple[str, str], int]]
+
+
+def count_tasks() -> TaskCounts:
     """Task rows by (model, status), from the database (synchronous: the ORM)."""
     from django.db.models import Count
 
-    counts: list[tuple[tuple[str, str], int]] = []
+    counts: TaskCounts = []
     for model in stream_models():
         rows = model.objects.order_by().values_list("status").annotate(n=Count("pk"))
         counts.extend(((model._meta.label_lower, status), n) for status, n in rows)
     return counts
+
+
+def count_tasks_apart() -> TaskCounts:
+    """``count_tasks`` on a worker thread of the default executor, not the node's
+    database thread (claims, lease renewals, the event log wait behind whatever
+    runs there, and a GROUP BY on a large table takes seconds). Django's
+    connections are per thread: the one opened here is closed after."""
+    try:
+        return count_tasks()
+    finally:
+        connections.close_all()
 
 
 class Recorder:
@@ -366,6 +382,8 @@ class Metrics:
         self.installed = True
         self._publisher: asyncio.Task[None] | None = None
         self._published: dict[tuple[str, tuple[str, ...]], float] = {}  # what the shared files hold
+        self._counting: asyncio.Task[None] | None = None  # the count of task rows in flight
+        self._counts: TaskCounts | None = None  # the last one's figures (None: none, or it failed)
         try:
             self.recorder = Recorder()
         except ImportError:
@@ -382,6 +400,9 @@ class Metrics:
             self._publisher = asyncio.create_task(self._publish_every_second(), name="streaming-metrics")
 
     async def stop(self) -> None:
+        if self._counting is not None:  # stops the wait, not the query: its thread ends on its own
+            self._counting.cancel()
+            await asyncio.gather(self._counting, return_exceptions=True)
         if self._publisher is not None:
             self._publisher.cancel()
             await asyncio.gather(self._publisher, return_exceptions=True)
@@ -434,22 +455,40 @@ class Metrics:
         return [Counts(self.sources), *self.recorder.metrics]
 
     async def _cluster_tasks(self) -> list[Any]:
-        """The task rows' counts as one collector; none when the database does not answer
-        within READY_TIMEOUT (the process's own figures are served all the same)."""
+        """The task rows' counts as one collector. One count at a time, off the node's
+        database thread: a scrape starts one unless one is in flight, and waits for it
+        up to READY_TIMEOUT; past that (the count goes on) it answers with the last
+        count's figures, or without them if there is none (or the last one failed)."""
         from prometheus_client.core import GaugeMetricFamily
 
-        try:
-            async with asyncio.timeout(self.settings.READY_TIMEOUT):
-                counts = await sync_to_async(count_tasks)()
-        except Exception as exc:
+        if self._counting is None:
+            self._counting = asyncio.create_task(self._count(), name="streaming-metrics-count")
+        # asyncio.wait: a scrape that stops waiting (or is cancelled) leaves the count running.
+        done, _ = await asyncio.wait({self._counting}, timeout=self.settings.READY_TIMEOUT)
+        counts = self._counts
+        if not done:
             logger.warning(
-                "/metrics: counting the task rows failed (%s); leaving them out", type(exc).__name__
+                "/metrics: counting the task rows takes over READY_TIMEOUT (%s s); %s",
+                self.settings.READY_TIMEOUT,
+                "answering with the last count" if counts is not None else "leaving them out",
             )
+        if counts is None:
             return []
         family = GaugeMetricFamily(CLUSTER_TASKS, CLUSTER_TASKS_HELP, labels=("model", "status"))
         for labels, count in counts:
             family.add_metric(labels, count)
         return [Fixed([family])]
+
+    async def _count(self) -> None:
+        try:
+            self._counts = await sync_to_async(count_tasks_apart, thread_sensitive=False)()
+        except Exception as exc:
+            self._counts = None
+            logger.warning(
+                "/metrics: counting the task rows failed (%s); leaving them out", type(exc).__name__
+            )
+        finally:
+            self._counting = None
 
     # -- several processes: each copies its counts into the shared files ----------------
 
