@@ -12,12 +12,14 @@ import asyncio
 import logging
 
 from asgiref.sync import sync_to_async
+from django.apps import apps
 from django.db import connection
 
 from .conf import StreamingSettings, get_settings
-from .fanout.hub import Hub
+from .fanout.hub import Hub, RunningTask
+from .fanout.mux import MAX_FEED_START
 from .keys import TaskKey
-from .tasks import wake
+from .tasks import store, wake
 from .tasks.eventlog import EventLog
 from .tasks.runner import Runner
 from .transports import create_transport
@@ -33,7 +35,10 @@ class Node:
         self.eventlog = EventLog(self.settings.EVENT_FLUSH_INTERVAL, self.settings.EVENT_BATCH_SIZE)
         self.transport = create_transport(self.settings.BROKER_URL, self.settings)
         self.hub = Hub(
-            transport=self.transport, history=self.transport.history(self.eventlog), settings=self.settings
+            transport=self.transport,
+            history=self.transport.history(self.eventlog),
+            settings=self.settings,
+            running=_running_tasks,
         )
         run = self.settings.RUN_TASKS if run_tasks is None else run_tasks
         self.runner = (
@@ -121,6 +126,11 @@ class Node:
     def _wake_local_runner(self) -> None:
         if self.runner is not None:
             self.runner.wake_threadsafe()
+
+
+async def _running_tasks(label: str) -> list[RunningTask]:
+    """The running tasks of the model ``label`` names (the hub's feeds re-read them)."""
+    return await sync_to_async(store.running_tasks)(apps.get_model(label), MAX_FEED_START)
 
 
 def current_node() -> Node | None:

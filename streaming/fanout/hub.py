@@ -15,8 +15,8 @@ import asyncio
 import contextlib
 import logging
 from bisect import bisect_right
-from collections.abc import AsyncGenerator, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..events import KEEPALIVE, Event, retry_hint
 from ..keys import TaskKey
@@ -35,6 +35,19 @@ logger = logging.getLogger(__name__)
 
 # A chunk for a client: its bytes, its last seq, whether it ends the stream, its number of events.
 Piece = tuple[bytes, int, bool, int]
+
+
+class RunningTask(NamedTuple):
+    """A task found running in the database, for a feed that may lack it."""
+
+    key: TaskKey
+    started_at: float | None  # its run's claim (time.time() scale); None: not recorded
+    attempt: int
+
+
+# A model's running tasks (by its label), the most recently started first:
+# what a feed re-reads when announcements may have been lost.
+RunningReader = Callable[[str], Awaitable[list[RunningTask]]]
 
 
 def _seq(event: Event) -> int:
@@ -102,7 +115,14 @@ class Hub:
     Events published in other processes arrive through ``transport``.
     """
 
-    def __init__(self, *, transport: Transport, history: History, settings: "StreamingSettings") -> None:
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        history: History,
+        settings: "StreamingSettings",
+        running: RunningReader | None = None,
+    ) -> None:
         self._transport = transport
         self._history = history
         self._history_size = settings.HISTORY_SIZE
@@ -117,6 +137,9 @@ class Hub:
         self._looks: set[asyncio.Task[None]] = set()
         self._look_slots = asyncio.Semaphore(LOOKS_AT_ONCE)
         self._feeds: dict[str, set[Mux]] = {}  # model label -> muxes following its new tasks
+        self._running = running
+        self._rereading: asyncio.Task[None] | None = None
+        self._reread_again = False  # announcements were lost again during a re-read
         # What this hub did, as plain counts (web/metrics.py reads them when
         # scraped): added per publish, per chunk or per flush, never per
         # event per client.
@@ -130,6 +153,8 @@ class Hub:
 
     async def stop(self) -> None:
         tasks = [*self._looks, *([self._ticker] if self._ticker else [])]
+        if self._rereading is not None:
+            tasks.append(self._rereading)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -223,6 +248,37 @@ class Hub:
         for key, after in starts:
             for mux in list(self._feeds.get(key.label, ())):
                 mux.add(key, after)
+
+    def announcements_lost(self) -> None:
+        """Announcements may have gone by unheard (the transport's channel was
+        down and is back): every feed of this process re-reads its model's
+        running tasks and adds those it lacks. Off the per-event path: once
+        per reconnection, one query per followed model."""
+        if not self._feeds or self._running is None or self._closing:
+            return
+        if self._rereading is not None and not self._rereading.done():
+            self._reread_again = True  # the read in progress may predate this loss
+            return
+        self._rereading = asyncio.create_task(self._reread(self._running), name="streaming-feeds-reread")
+
+    async def _reread(self, read: RunningReader) -> None:
+        while True:
+            self._reread_again = False
+            for label in list(self._feeds):
+                try:
+                    running = await read(label)
+                except Exception:
+                    # As when a feed's first read fails: its clients reconnect,
+                    # and their feeds read the running tasks again.
+                    logger.exception("Re-reading the running tasks of %s for its feeds failed", label)
+                    for mux in list(self._feeds.get(label, ())):
+                        mux.end()
+                    continue
+                for mux in list(self._feeds.get(label, ())):
+                    for task in running:
+                        mux.rejoin(task)
+            if not self._reread_again:
+                return
 
     def held_seq(self, key: TaskKey) -> int | None:
         channel = self._channels.get(key)

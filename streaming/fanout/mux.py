@@ -11,10 +11,14 @@ the task's own seq and the data names the task (``_model``, ``_task_id``).
 A feed (``feed=<Model>``) adds every task of a model that starts running
 while the connection lasts: the runner that claims a task announces it
 (``Hub.started``, through the transport to every node), and each mux that
-follows the model attaches it.
+follows the model attaches it. A feed also reads the model's running tasks
+from the database: when it opens, and again whenever this node's channel for
+announcements was lost and is back (``Hub.announcements_lost``), since an
+announcement sent meanwhile never arrives.
 """
 
 import asyncio
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -22,11 +26,12 @@ from ..keys import TaskKey
 from .sinks import Sink
 
 if TYPE_CHECKING:
-    from .hub import Hub, Subscriber
+    from .hub import Hub, RunningTask, Subscriber
 
 # Ended tasks a feed remembers, so a late announcement of one (Redis delivers
 # a node's own announcements back to it) does not send its end again.
 FORGET_AFTER = 10_000
+MAX_FEED_START = 1000  # running tasks a feed reads, per model (the most recently started)
 
 
 class TaskView:
@@ -76,6 +81,7 @@ class Mux:
         self.closed = False
         self._expiry: asyncio.TimerHandle | None = None
         self._last = b""
+        self.opened_at = time.time()  # compared with runs' claim times (started_at)
         if ends_in is not None:
             self._expiry = asyncio.get_running_loop().call_later(max(0.0, ends_in), self._expire)
 
@@ -90,6 +96,16 @@ class Mux:
         view = TaskView(self, key)
         self.views[key] = view
         view.subscriber = self.hub.attach(key, after, view)
+
+    def rejoin(self, task: "RunningTask") -> None:
+        """Stream a task found running in the database, unless this connection
+        has it already. A first run that began after the feed opened starts
+        from its first event (seq 1), as its announcement would have had it;
+        any other starts from its latest event."""
+        if self.closed or task.key in self.views or task.key in self.ended:
+            return
+        fresh = task.attempt == 1 and task.started_at is not None and task.started_at >= self.opened_at
+        self.add(task.key, 0 if fresh else None)
 
     def view_ended(self, view: TaskView) -> None:
         """The hub ended one task's part: at its terminal event, or for a reason

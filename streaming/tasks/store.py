@@ -22,6 +22,7 @@ from django.utils import timezone
 
 from ..conf import get_settings
 from ..events import ERROR, Event, build_payload
+from ..fanout.hub import RunningTask
 from ..keys import TaskKey
 from ..models import FINISHED_STATUSES, Recovery, Status, StreamTask, TaskEvent
 
@@ -93,6 +94,19 @@ def owner_is_dead(owner: str | None, me: str) -> bool:
 
 def next_free_seq(model: type[StreamTask], pk: object, seq_reserved: int) -> int:
     return max(seq_reserved, logged_after(TaskKey.of(model, pk))) + 1
+
+
+def running_tasks(model: type[StreamTask], limit: int) -> list[RunningTask]:
+    """Up to ``limit`` running tasks of ``model``, the most recently started first (for feeds)."""
+    rows = (
+        model.objects.filter(status=Status.RUNNING)
+        .order_by("-started_at")
+        .values_list("pk", "started_at", "attempts")[:limit]
+    )
+    return [
+        RunningTask(TaskKey.of(model, pk), None if started is None else started.timestamp(), attempts)
+        for pk, started, attempts in rows
+    ]
 
 
 # -- claims and leases ------------------------------------------------------

@@ -12,7 +12,8 @@ either: their upstream connection is opened only once the proxy heals. Bytes
 read while stalled are held, not dropped, and each side stops being read
 until they go, so the sender's socket buffers fill as they would.
 
-``reset()`` cuts every open connection. ``stall_when(predicate)`` stalls
+``TcpProxy(..., port=n)`` listens on a chosen port (a service that comes
+back where it was). ``reset()`` cuts every open connection. ``stall_when(predicate)`` stalls
 at a chosen moment instead: when an answer comes back from upstream for
 which ``predicate(last_request, answer)`` holds (``last_request``: the last
 bytes the client sent on that connection), that answer is held and
@@ -28,10 +29,12 @@ CHUNK = 64 * 1024
 
 
 class TcpProxy:
-    def __init__(self, upstream_host: str, upstream_port: int, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, upstream_host: str, upstream_port: int, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.host = host
-        self.port = 0
+        self.port = port  # 0: any free one
         self.connections = 0  # accepted so far
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -121,7 +124,7 @@ class TcpProxy:
             self._flowing.set()
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, 0))
+            sock.bind((self.host, self.port))
             self.port = sock.getsockname()[1]
             self._server = await asyncio.start_server(self._accept, sock=sock)
 

@@ -65,10 +65,11 @@ class FakeHistory:
 
 
 class BrokerTestCase(unittest.IsolatedAsyncioTestCase):
-    def make(self, **settings) -> Hub:
+    def make(self, running=None, **settings) -> Hub:
         self.history = FakeHistory()
         self.transport = LocalTransport()
-        self.broker = Hub(transport=self.transport, history=self.history, settings=make_settings(**settings))
+        config = make_settings(**settings)
+        self.broker = Hub(transport=self.transport, history=self.history, settings=config, running=running)
         self.transport.bind(self.broker, on_wake=lambda: None)
         return self.broker
 

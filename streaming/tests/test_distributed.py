@@ -324,3 +324,50 @@ class RedisTransportTests(DistributedTestCase):
                 await transport_a.stop()
 
         self.assertEqual(async_to_sync(scenario)(), list(range(4, 12)))
+
+    def test_an_announcement_whose_publish_failed_is_published_once_more(self):
+        # Redis is out of this node's reach when it announces a claim (nothing
+        # listens where it connects), and back within the retry's pause.
+        import redis.asyncio as aioredis
+        from asgiref.sync import async_to_sync
+
+        from streaming.transports.redis import STARTED_CHANNEL, RedisTransport
+
+        from .support import eventually, free_port
+        from .tcpproxy import TcpProxy
+
+        settings = get_settings()
+        key = TaskKey("testapp.scriptedtask", "987654323")
+
+        async def scenario():
+            other = aioredis.Redis.from_url(settings.BROKER_URL)
+            where = other.connection_pool.connection_kwargs
+            port = free_port()
+            transport = RedisTransport(f"redis://127.0.0.1:{port}/{where['db']}", settings=settings)
+            heard = other.pubsub(ignore_subscribe_messages=True)
+            await heard.subscribe(STARTED_CHANNEL)
+            proxy = None
+            try:
+                with self.assertLogs("streaming.transports.redis", "WARNING") as logs:
+                    transport.announce([(key, 0)])
+                    await eventually(
+                        lambda: any("trying once more" in line for line in logs.output),
+                        message="the failed announcement",
+                    )
+                    proxy = TcpProxy(where["host"], where["port"], port=port).start()
+                    async with asyncio.timeout(10):
+                        # (Pub/sub spans Redis's databases: skip other suites' announcements.)
+                        while True:
+                            message = await heard.get_message(timeout=1)
+                            if message is not None and message["data"] == f"{key} 0".encode():
+                                break
+                    await asyncio.sleep(0.1)  # (time for a failure to be logged, if any)
+                return [line for line in logs.output if "failed again" in line]
+            finally:
+                await transport.stop()
+                if proxy is not None:
+                    proxy.stop()
+                await heard.aclose()
+                await other.aclose()
+
+        self.assertEqual(async_to_sync(scenario)(), [], "published at the second try")

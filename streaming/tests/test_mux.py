@@ -5,25 +5,30 @@ server: ``GET /stream/?task=<Model>/<id>[@<after>]&feed=<Model>``.
 """
 
 import asyncio
+import random
 import threading
 import time
 from unittest import mock
 
 import httpx
+import redis
 from django.contrib.auth.models import Permission, User
 from django.test import TestCase
 
 from streaming import access
+from streaming.conf import get_settings
 from streaming.events import KEEPALIVE, retry_hint
-from streaming.fanout.hub import RECONNECT_HINT_MS
+from streaming.fanout.hub import RECONNECT_HINT_MS, RunningTask
 from streaming.fanout.mux import Mux
 from streaming.fanout.sinks import QueueSink
 from streaming.keys import TaskKey
 from streaming.tests.testapp.models import OwnedTask, PrivateTask, ScriptedTask
+from streaming.transports.redis import STARTED_CHANNEL
 from streaming.web.app import MAX_MUX_TASKS
 
 from .servercase import ServerTestCase
 from .support import SSE, ServerProcess, eventually, parse_sse, wait_for
+from .tcpproxy import TcpProxy
 from .test_access import HOSTS_SETTINGS, UVICORN, AccessCase
 from .test_broker import WAIT, BrokerTestCase, ev
 from .test_distributed import DistributedTestCase
@@ -152,6 +157,53 @@ class MuxHubTests(BrokerTestCase):
         self.assertEqual(by_task([c for c in chunks if c != KEEPALIVE]), {"a": [1, 2], "b": [5]})
         mux.close()
         self.assertEqual(self.broker._feeds, {}, "closing unfollows")
+        reading.cancel()
+
+    async def test_after_announcements_were_lost_a_feed_adds_the_running_tasks_it_lacks(self):
+        running: list[RunningTask] = []
+        reads: list[str] = []
+
+        async def read(label: str) -> list[RunningTask]:
+            reads.append(label)
+            if len(reads) == 1:
+                self.broker.announcements_lost()  # lost again during the read: read once more
+            await asyncio.sleep(0)
+            return [task for task in running if task.key.label == label]
+
+        self.make(running=read)
+        self.broker.announcements_lost()
+        await asyncio.sleep(0.01)
+        self.assertEqual(reads, [], "no feed: nothing to read")
+        older, retried = TaskKey(A.label, "3"), TaskKey(A.label, "4")
+        for key, name in ((B, "b"), (older, "older"), (retried, "retried")):
+            await self.publish(ev(1, task=name), ev(2, task=name), key=key)
+        mux, sink = self.open(feeds={A.label})
+        chunks: list[bytes] = []
+
+        async def read_some():
+            async for chunk in sink.consume():
+                chunks.append(chunk)
+
+        reading = asyncio.create_task(read_some())
+        self.broker.started([(A, 0)])  # heard: the feed has it already
+        now = time.time()
+        running[:] = [
+            RunningTask(A, now, 1),
+            RunningTask(B, now, 1),  # began after the feed opened, unheard: from its first event
+            RunningTask(older, mux.opened_at - 60, 1),  # began before: its latest event first
+            RunningTask(retried, now, 2),  # a later attempt: its latest event first
+        ]
+        self.broker.announcements_lost()
+        await eventually(lambda: len(mux.views) == 4, message="the tasks the feed lacked")
+        await live(mux)
+        self.assertEqual(reads, [A.label, A.label])
+        for key, name in ((A, "a"), (B, "b"), (older, "older"), (retried, "retried")):
+            await self.publish(ev(3, "complete", task=name), key=key)
+        await eventually(lambda: len(mux.ended) == 4, message="every task's end")
+        await asyncio.sleep(0.01)  # (time for a duplicate to show)
+        self.assertEqual(by_task(chunks), {"a": [3], "b": [1, 2, 3], "older": [2, 3], "retried": [2, 3]})
+        self.assertFalse(mux.closed, "a feed outlives its tasks")
+        mux.close()
         reading.cancel()
 
     async def test_shutdown_ends_every_mux_with_a_reconnect_hint(self):
@@ -447,4 +499,66 @@ class MuxDistributedTests(DistributedTestCase):
         )
         for task in tasks:
             self.assertEqual([e.id for e in arrived if e.data["_task_id"] == task.pk], [1, 2, 3, 4])
+        reader.close()
+
+
+class MuxLostAnnouncementTests(DistributedTestCase):
+    """A node whose pub/sub subscription dropped misses the announcements sent
+    meanwhile (Redis keeps nothing for an absent subscriber): once subscribed
+    again it reads the running tasks, so its feeds still get them."""
+
+    def setUp(self):
+        url = get_settings().BROKER_URL
+        self.redis = redis.Redis.from_url(url)
+        self.addCleanup(self.redis.close)
+        where = self.redis.connection_pool.connection_kwargs
+        self.db = str(where["db"])
+        # The watcher reaches Redis through a proxy the test can cut; the worker directly.
+        self.proxy = TcpProxy(where["host"], where["port"]).start()
+        self.addCleanup(self.proxy.stop)
+        through_proxy = f"redis://127.0.0.1:{self.proxy.port}/{self.db}"
+        self.servers = [
+            ServerProcess(lease_seconds=3, run_tasks=False, broker_url=through_proxy).start(),
+            ServerProcess(lease_seconds=3).start(),
+        ]
+
+    def subscribers(self) -> int:
+        """Pub/sub connections on this suite's database (pub/sub itself spans them all)."""
+        return sum(1 for client in self.redis.client_list(_type="pubsub") if client["db"] == self.db)
+
+    def test_a_feed_gets_a_task_announced_while_its_node_was_resubscribing(self):
+        watcher, _worker = self.servers
+        heard = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.addCleanup(heard.close)
+        heard.subscribe(STARTED_CHANNEL)
+        wait_for(lambda: self.subscribers() == 3, message="both nodes and the test to subscribe")
+        arrived: list[SSE] = []
+        reader = _Reader(f"{watcher.url}/stream/?feed=ScriptedTask", arrived)
+        reader.start()
+        wait_for(lambda: reader.opened, message="the feed to open")
+        # The watcher's connections are cut, and its reconnections held.
+        self.proxy.stall()
+        self.proxy.reset()
+        wait_for(lambda: self.subscribers() == 2, message="the watcher's subscription to drop")
+        # A pk of its own: another suite's nodes on this Redis announce theirs on the same channel.
+        task = ScriptedTask.objects.create(pk=random.randrange(10**8, 10**9), steps=40, delay=0.1)
+        announced = f"{TaskKey.of(task)} ".encode()
+
+        def announcement_heard() -> bool:
+            message = heard.get_message(timeout=0.1)
+            return message is not None and announced in message["data"]
+
+        wait_for(announcement_heard, timeout=15, message="the task's announcement")
+        self.assertEqual(self.subscribers(), 2, "announced while the watcher was not subscribed")
+        task.refresh_from_db()
+        self.assertEqual(task.status, "running", "still running when the watcher subscribes again")
+        self.proxy.heal()
+        wait_for(
+            lambda: "complete" in [e.event for e in arrived if e.data["_task_id"] == task.pk],
+            timeout=30,
+            message="the task's end on the watcher's feed",
+        )
+        # The run began after the feed opened: from its first event, each once.
+        self.assertEqual([e.id for e in arrived if e.data["_task_id"] == task.pk], list(range(1, 42)))
+        self.assertTrue(reader.is_alive(), "the feed stays open")
         reader.close()

@@ -44,6 +44,11 @@ class Receiver(Protocol):
         which its run numbers events (for the feeds)."""
         ...
 
+    def announcements_lost(self) -> None:
+        """Announcements may have been missed (the channel was down and is back):
+        the feeds re-read what runs."""
+        ...
+
 
 class Transport(ABC):
     shared: ClassVar[bool] = False  # reaches other processes (so --workers makes sense)

@@ -46,6 +46,7 @@ STREAM_PREFIX = "streaming:events:"
 WAKE_CHANNEL = "streaming:wake"
 STARTED_CHANNEL = "streaming:started"  # "<label>:<pk> <seq before its run's first event>", one per line
 READ_BLOCK_MS = 100  # a newly watched task joins the shared read within this
+ANNOUNCE_RETRY_AFTER = 0.5  # seconds before a failed announcement is sent again (once)
 REDIS_POOL_SIZE = 32  # connections per node for publishing and history reads
 
 
@@ -136,6 +137,7 @@ class RedisTransport(Transport):
         self._outbox_ready = asyncio.Event()
         self._sending = 0  # events of the outbox batch in flight
         self._tasks: list[asyncio.Task[None]] = []
+        self._announcing: set[asyncio.Future[None]] = set()  # held: the loop keeps weak references only
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -163,9 +165,10 @@ class RedisTransport(Transport):
         return [_event(i, f) for i, f in entries]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._announcing]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             await self.flush()
         except (RedisError, OSError):
@@ -240,8 +243,29 @@ class RedisTransport(Transport):
     def announce(self, starts: list[tuple[TaskKey, int]]) -> None:
         if starts:
             payload = "\n".join(f"{key} {after}" for key, after in starts).encode()
-            publishing = asyncio.ensure_future(self.redis.publish(STARTED_CHANNEL, payload))
-            publishing.add_done_callback(_log_failure)
+            announcing = asyncio.ensure_future(self._announce(payload))
+            self._announcing.add(announcing)
+            announcing.add_done_callback(self._announcing.discard)
+
+    async def _announce(self, payload: bytes) -> None:
+        try:
+            await self.redis.publish(STARTED_CHANNEL, payload)
+            return
+        except (RedisError, OSError) as exc:
+            # Once more, shortly, on a new connection: a blip between this node
+            # and Redis leaves the other nodes subscribed, so no re-read of theirs
+            # would make up for it. An outage long enough to fail twice drops
+            # their subscriptions too, and they re-read when back.
+            logger.warning("Announcing started tasks through Redis failed (%s); trying once more", exc)
+        await asyncio.sleep(ANNOUNCE_RETRY_AFTER)
+        try:
+            await self.redis.publish(STARTED_CHANNEL, payload)
+        except (RedisError, OSError) as exc:
+            logger.warning(
+                "Announcing started tasks through Redis failed again (%s); feeds on other nodes "
+                "still subscribed show them only once their clients reconnect",
+                exc,
+            )
 
     def _announced(self, payload: bytes) -> None:
         try:
@@ -255,21 +279,36 @@ class RedisTransport(Transport):
         self.receiver.announced(starts)
 
     async def _listen_wakeups(self) -> None:
+        # A confirmation from now on is a resubscription (after a failure, or
+        # redis-py reconnecting by itself): messages may have gone by unheard.
+        again = False
+        started = STARTED_CHANNEL.encode()
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(WAKE_CHANNEL, STARTED_CHANNEL)
                 async for message in pubsub.listen():
-                    if message["channel"] == STARTED_CHANNEL.encode():
-                        self._announced(message["data"])
-                    else:
-                        self.on_wake()
+                    if message["type"] == "message":
+                        if message["channel"] == started:
+                            self._announced(message["data"])
+                        else:
+                            self.on_wake()
+                    elif message["type"] == "subscribe" and message["channel"] == started:
+                        if again:
+                            # Redis confirmed it: announcements from now on arrive.
+                            # Pub/sub keeps nothing for the absent, so what was sent
+                            # while we were away is read from the database instead
+                            # (a claim commits before it is announced).
+                            self.receiver.announcements_lost()
+                            self.on_wake()  # a wake-up may have gone by too: look for work now
+                        again = True
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
                 logger.warning("Lost the Redis wake-up channel (%s); reconnecting", exc)
                 await asyncio.sleep(1)
             finally:
+                again = True
                 await pubsub.aclose()  # give its connection back to the pool
 
     # -- HTTP side ----------------------------------------------------------------------
@@ -347,4 +386,4 @@ def _unreachable(doing: str, exc: BaseException) -> None:
 
 def _log_failure(task: "asyncio.Future[Any]") -> None:
     if not task.cancelled() and task.exception() is not None:
-        logger.warning("Redis publish (a wake-up or an announcement) failed: %s", task.exception())
+        logger.warning("Redis publish (a wake-up) failed: %s", task.exception())

@@ -29,7 +29,7 @@ from django.http.request import split_domain_port, validate_host
 from .. import access
 from ..conf import StreamingSettings
 from ..events import ERROR, Event, notice
-from ..fanout.mux import Mux
+from ..fanout.mux import MAX_FEED_START, Mux
 from ..fanout.sinks import QueueSink, Sink
 from ..keys import TaskKey
 from ..models import Status
@@ -56,7 +56,6 @@ MUX_PATH = "/stream/"  # the multiplexed stream: ?task=<Model>/<id>[@<after>]&fe
 MUX_TASK = re.compile(r"^(?:(?P<app>[^/@]+)/)?(?P<model>[^/@]+)/(?P<pk>[^/]+?)(?:@(?P<after>[0-9]{1,18}))?$")
 MUX_FEED = re.compile(r"^(?:(?P<app>[^/]+)/)?(?P<model>[^/]+)$")
 MAX_MUX_TASKS = 100  # task= per multiplexed stream
-MAX_FEED_START = 1000  # running tasks a feed starts with, per model (the most recently started)
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -796,9 +795,8 @@ async def _add_running(mux: Mux, models: "Iterable[type[StreamTask]]") -> None:
     """A feed starts with its models' running tasks (the most recently started)."""
     try:
         for model in models:
-            running = model.objects.filter(status=Status.RUNNING).order_by("-started_at")
-            async for pk in running.values_list("pk", flat=True)[:MAX_FEED_START]:
-                mux.add(TaskKey.of(model, pk), None)
+            for task in await sync_to_async(store.running_tasks)(model, MAX_FEED_START):
+                mux.rejoin(task)
     except Exception:
         logger.exception("Reading the running tasks of a feed failed")
         mux.end()  # the client reconnects and the read is tried again
