@@ -280,7 +280,12 @@ class StreamTask(models.Model):
         return cls.__name__
 
     def get_stream_path(self) -> str:
-        return f"/stream/{self.stream_name()}/{self.pk}"
+        """``/stream/<Model>/<id>``; ``/stream/<app_label>/<Model>/<id>`` when another
+        app has a task model of this class name, where the short path is ambiguous (404)."""
+        name = self.stream_name()
+        if _name_is_shared(type(self)):
+            name = f"{self._meta.app_label}/{name}"
+        return f"/stream/{name}/{self.pk}"
 
     # -- who may watch (streaming/access.py) ----------------------------------
 
@@ -431,6 +436,20 @@ class TaskEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_type}:{self.task_id} #{self.seq} {self.type}"
+
+
+def _name_is_shared(model: type[StreamTask]) -> bool:
+    """Does another installed task model have ``model``'s class name (system check ``streaming.I001``)?"""
+    from django.apps import apps
+
+    concrete = model._meta.concrete_model or model
+    return any(
+        other is not concrete
+        and other.__name__ == model.__name__
+        and issubclass(other, StreamTask)
+        and not other._meta.proxy
+        for other in apps.get_models()
+    )
 
 
 def __getattr__(name: str) -> Any:

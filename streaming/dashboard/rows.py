@@ -60,7 +60,9 @@ def row(task: StreamTask, latest: TaskEvent | None) -> dict[str, Any]:
     """One task as the list shows it (and as dashboard.js draws it)."""
     model = type(task)
     return {
-        "key": f"{model.stream_name()}/{task.pk}",  # as events name it: _model/_task_id
+        # As the page's feeds name it (app_label/Model/id): events say only the
+        # class name (_model), which two apps' task models may share.
+        "key": f"{feed_name(model)}/{task.pk}",
         "model": model_id(model),
         "model_name": str(model._meta.verbose_name),
         "id": task.pk,

@@ -1,6 +1,7 @@
 """The dashboard's pages, its JSON list and its actions (mounted by ``streaming.urls``)."""
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -92,19 +93,36 @@ def task_list(request: HttpRequest) -> HttpResponse:
         # The models whose every task the user may follow (has_feed_permission);
         # the others' rows are shown as loaded.
         "feeds": [rows.feed_name(m) for m in models if m.has_feed_permission(user)],
-        "models": {m.stream_name(): rows.model_id(m) for m in viewable},
+        # By app_label/Model, as rows and the feeds name them: two apps may have
+        # task models of one class name.
+        "models": {rows.feed_name(m): rows.model_id(m) for m in viewable},
     }
+    shared = _shared_names(viewable)
     return _render(
         request,
         "streaming/dashboard/list.html",
         {
-            "models": [(rows.model_id(m), str(m._meta.verbose_name)) for m in viewable],
+            "models": [
+                (
+                    rows.model_id(m),
+                    f"{m._meta.verbose_name} ({m._meta.app_label})"
+                    if m.__name__ in shared
+                    else str(m._meta.verbose_name),
+                )
+                for m in viewable
+            ],
             "statuses": Status.choices,
             "selected_model": request.GET.get("model", ""),
             "selected_status": status or "",
             "config": config,
         },
     )
+
+
+def _shared_names(models: list[type[StreamTask]]) -> set[str]:
+    """The class names that more than one of ``models`` has (in different apps)."""
+    counts = Counter(m.__name__ for m in models)
+    return {name for name, count in counts.items() if count > 1}
 
 
 @require_GET

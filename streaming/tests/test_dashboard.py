@@ -24,7 +24,8 @@ from django.test import Client, TestCase, TransactionTestCase, override_settings
 from demo.models import ContinueTask, ExampleTask
 from streaming.dashboard import rows as dashboard_rows
 from streaming.models import Status
-from streaming.tests.testapp.models import ScriptedTask
+from streaming.tests.otherapp.models import Report as OtherReport
+from streaming.tests.testapp.models import Report, ScriptedTask
 
 from .support import ServerProcess
 from .test_admin import log
@@ -99,7 +100,7 @@ class AccessTests(DashboardCase):
         self.assertEqual(
             listing.context["config"]["feeds"], ["demo/ExampleTask"]
         )  # the one live connection's feeds
-        self.assertEqual([r["key"] for r in self.rows(client)["tasks"]], [f"ExampleTask/{example.pk}"])
+        self.assertEqual([r["key"] for r in self.rows(client)["tasks"]], [f"demo/ExampleTask/{example.pk}"])
         self.assertEqual(client.get(page(example)).status_code, 200)
         self.assertEqual(client.get(page(waiting)).status_code, 403)
         bad = client.get(ROWS, {"model": "demo.ContinueTask"})
@@ -146,7 +147,12 @@ class ListTests(DashboardCase):
         tasks = self.rows()["tasks"]
         keys = [r["key"] for r in tasks]
         self.assertEqual(
-            keys[:3], [f"ScriptedTask/{third.pk}", f"ContinueTask/{second.pk}", f"ExampleTask/{first.pk}"]
+            keys[:3],
+            [
+                f"testapp/ScriptedTask/{third.pk}",
+                f"demo/ContinueTask/{second.pk}",
+                f"demo/ExampleTask/{first.pk}",
+            ],
         )
         row = tasks[1]
         self.assertEqual(row["latest"], {"id": 2, "type": "final", "data": {"message": "step 2"}})
@@ -160,11 +166,27 @@ class ListTests(DashboardCase):
         ExampleTask.objects.create(status="running")
         ContinueTask.objects.create(status="completed")
         rows = self.rows(model="demo.ExampleTask", status="completed")["tasks"]
-        self.assertEqual([r["key"] for r in rows], [f"ExampleTask/{done.pk}"])
+        self.assertEqual([r["key"] for r in rows], [f"demo/ExampleTask/{done.pk}"])
         listing = self.client.get(LIST, {"model": "demo.ExampleTask", "status": "completed"})
         self.assertContains(listing, '<option value="demo.ExampleTask" selected>')
         self.assertContains(listing, '<option value="completed" selected>')
         self.assertEqual(listing.context["config"]["feeds"], ["demo/ExampleTask"])
+
+    def test_two_apps_models_of_one_class_name_have_rows_and_names_of_their_own(self):
+        # testapp.Report and otherapp.Report, one pk: their events both say "Report/7001".
+        Report.objects.create(pk=7001, status="completed")
+        OtherReport.objects.create(pk=7001, status="running")
+        rows = {r["key"]: r for r in self.rows()["tasks"]}
+        self.assertEqual(rows["testapp/Report/7001"]["status"], "completed")
+        self.assertEqual(rows["otherapp/Report/7001"]["status"], "running")
+        self.assertEqual(rows["otherapp/Report/7001"]["url"], "/streaming/otherapp/Report/7001/")
+        listing = self.client.get(LIST)
+        models = listing.context["config"]["models"]
+        self.assertEqual(models["testapp/Report"], "testapp.Report")
+        self.assertEqual(models["otherapp/Report"], "otherapp.Report")
+        self.assertEqual(models["demo/ExampleTask"], "demo.ExampleTask")
+        self.assertContains(listing, '<option value="otherapp.Report">Report (otherapp)</option>')
+        self.assertContains(listing, '<option value="demo.ExampleTask">Example task</option>')
 
     def test_pages(self):
         ExampleTask.objects.bulk_create([ExampleTask(status="completed", message=str(n)) for n in range(51)])
@@ -247,6 +269,15 @@ class TaskPageTests(DashboardCase):
         config = response.context["config"]
         self.assertEqual(config["stream"], f"/stream/ExampleTask/{task.pk}")
         self.assertEqual(config["row"], f"/streaming/tasks.json?model=demo.ExampleTask&id={task.pk}")
+
+    def test_a_class_name_two_apps_share_is_streamed_by_its_app_label(self):
+        theirs = OtherReport.objects.create(status="running")
+        response = self.client.get(page(theirs))
+        self.assertEqual(response.context["config"]["stream"], f"/stream/otherapp/Report/{theirs.pk}")
+        self.assertEqual(Report(pk=3).get_stream_path(), "/stream/testapp/Report/3")
+        self.assertTrue(theirs.stream_url().startswith(f"/stream/otherapp/Report/{theirs.pk}?token="))
+        # A unique class name: as before.
+        self.assertEqual(ExampleTask(pk=3).get_stream_path(), "/stream/ExampleTask/3")
 
     def test_a_failed_task_shows_its_error(self):
         task = ExampleTask.objects.create(
@@ -447,11 +478,12 @@ class DashboardBrowserTests(TransactionTestCase):
     def test_the_list_updates_live_over_one_connection(self):
         old = ExampleTask.objects.create(status="completed")
         page = self.open(LIST)
-        self.wait(page, "(key) => document.querySelector(`tr[data-key='${key}']`)", f"ExampleTask/{old.pk}")
+        key = f"demo/ExampleTask/{old.pk}"
+        self.wait(page, "(key) => document.querySelector(`tr[data-key='${key}']`)", key)
         self.wait_live(page)
         page.evaluate("() => { window.sameDocument = true; }")
         task = ScriptedTask.objects.create(steps=8, delay=0.5, result={"ok": True})
-        key = f"ScriptedTask/{task.pk}"
+        key = f"testapp/ScriptedTask/{task.pk}"
         self.wait(page, "(key) => document.querySelector(`tr[data-key='${key}'][data-status=running]`)", key)
         self.assertEqual(self.row(page, key)["index"], 0)  # newest first: above the old one
         self.wait(
@@ -467,8 +499,50 @@ class DashboardBrowserTests(TransactionTestCase):
         self.assertIn("complete", row["text"])
         self.assertTrue(page.evaluate("() => window.sameDocument"))  # never reloaded
         streams = page.evaluate("() => window.streamRequests")
-        self.assertEqual(len(streams), 1, streams)  # one connection for the whole list
+        # One connection for the whole list, and one more for testapp.Report, whose
+        # class name otherapp.Report has (events name their model by class only).
+        self.assertEqual(len(streams), 2, streams)
         self.assertIn("/stream/?feed=", streams[0])
+        self.assertIn("feed=testapp%2FScriptedTask", streams[0])
+        self.assertEqual(streams[1].split("?")[1], "feed=testapp%2FReport")
+
+    def test_two_apps_models_of_one_class_name_keep_their_rows_apart_live(self):
+        # testapp.Report and otherapp.Report with one pk: their events both say
+        # _model "Report", _task_id 4242; each row and the task page stay its own.
+        listing = self.open(LIST)
+        self.wait_live(listing)
+        listing.evaluate("() => { window.sameDocument = true; }")
+        theirs = OtherReport.objects.create(pk=4242, steps=600, delay=0.1)
+        ours = Report.objects.create(pk=4242, steps=3, delay=0.1, result={"app": "testapp"})
+        ours_key, theirs_key = f"testapp/Report/{ours.pk}", f"otherapp/Report/{theirs.pk}"
+        row_is = "([key, status]) => document.querySelector(`tr[data-key='${key}'][data-status=${status}]`)"
+        self.wait(listing, row_is, [ours_key, "completed"])
+        self.wait(
+            listing,
+            "(key) => /Step ([2-9]|[1-9][0-9])/"
+            ".test(document.querySelector(`tr[data-key='${key}']`)?.innerText)",
+            theirs_key,
+        )
+        self.assertIn('{"app":"testapp"}', self.row(listing, ours_key)["text"])  # its complete event
+        self.assertEqual(self.row(listing, theirs_key)["status"], "running")
+        self.assertIn("(otherapp)", self.row(listing, theirs_key)["text"])
+        # The task page of one of them tails its own stream (/stream/otherapp/Report/4242).
+        detail = self.open(f"/streaming/otherapp/Report/{theirs.pk}/")
+        self.wait(detail, "() => document.querySelectorAll('#events tbody tr').length >= 2")
+        self.assertEqual(detail.evaluate("() => document.getElementById('tail-state').dataset.state"), "open")
+        theirs.cancel()
+        self.wait(detail, "() => document.getElementById('task-status').textContent === 'Cancelled'")
+        self.wait(listing, row_is, [theirs_key, "cancelled"])
+        self.assertEqual(self.row(listing, ours_key)["status"], "completed")
+        shown = listing.evaluate("""() => [...document.querySelectorAll('#tasks tbody tr')]
+            .map((tr) => tr.dataset.key).filter((key) => key.endsWith('/Report/4242'))""")
+        self.assertEqual(sorted(shown), [theirs_key, ours_key])
+        self.assertTrue(listing.evaluate("() => window.sameDocument"))  # live, never reloaded
+        # Each Report on a connection of its own: otherapp's with the other models, testapp's alone.
+        streams = listing.evaluate("() => window.streamRequests")
+        self.assertEqual(len(streams), 2, streams)
+        self.assertIn("feed=otherapp%2FReport", streams[0])
+        self.assertEqual(streams[1].split("?")[1], "feed=testapp%2FReport")
 
     def test_a_burst_of_new_tasks_costs_a_few_requests(self):
         page = self.open(LIST)
@@ -491,7 +565,7 @@ class DashboardBrowserTests(TransactionTestCase):
         ScriptedTask.objects.create(steps=1)
         example = ExampleTask.objects.create(total_steps=1, step_delay=0.05)
         self.wait(
-            page, "(key) => document.querySelector(`tr[data-key='${key}']`)", f"ExampleTask/{example.pk}"
+            page, "(key) => document.querySelector(`tr[data-key='${key}']`)", f"demo/ExampleTask/{example.pk}"
         )
         self.assertEqual(page.evaluate("() => document.querySelectorAll('#tasks tbody tr').length"), 1)
 
@@ -594,7 +668,7 @@ class DashboardBrowserTests(TransactionTestCase):
         self.assertEqual(types[-1], "complete")
         self.wait_live(listing)
         later = ScriptedTask.objects.create(steps=2, delay=0.2)
-        key = f"ScriptedTask/{later.pk}"
+        key = f"testapp/ScriptedTask/{later.pk}"
         self.wait(
             listing, "(key) => document.querySelector(`tr[data-key='${key}'][data-status=completed]`)", key
         )

@@ -43,7 +43,7 @@ from .support import REPO, free_port, read_stream, wait_for
 DISTRIBUTION = "django-streaming-coordinator"
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 # Where the demo project's and the suite's models live: none may reach a project.
-FOREIGN_APP_LABELS = ("demo", "testapp")
+FOREIGN_APP_LABELS = ("demo", "testapp", "otherapp")
 FOREIGN_MODELS = ("exampletask", "continuetask")
 
 MODELS_PY = """\

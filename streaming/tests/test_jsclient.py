@@ -20,7 +20,8 @@ from django.template import Context, Template
 from django.test import TransactionTestCase
 
 from demo.models import ExampleTask
-from streaming.tests.testapp.models import FragileTask, PrivateTask, ScriptedTask
+from streaming.tests.otherapp.models import Report as OtherReport
+from streaming.tests.testapp.models import FragileTask, PrivateTask, Report, ScriptedTask
 
 from .support import REPO, ServerProcess, wait_for
 from .tcpproxy import TcpProxy
@@ -51,7 +52,7 @@ async ([kind, target, options]) => {
     ...options,
     fetch: countingFetch,
     onEvent: (event) => log.events.push({type: event.type, id: event.id, key: event.key || null,
-                                         data: event.data, raw: event.raw}),
+                                         name: event.name || null, data: event.data, raw: event.raw}),
     onState: (state) => log.states.push(state),
   };
   if (tokens) common.token = () => tokens.shift();
@@ -368,6 +369,63 @@ class MultiplexedTests(ClientBrowserCase):
         self.wait(page, "() => window.log.done !== null")
         self.assertEqual(self.log(page)["states"][-1], "closed")
         self.assertIn("feed=testapp%2FScriptedTask", log["requests"][0]["url"])
+
+    def test_a_feed_of_an_app_qualified_model_resumes_its_tasks_by_that_name(self):
+        # testapp.Report and otherapp.Report: events say only _model "Report",
+        # and task=Report/<id> is ambiguous (a 404, which would end the watch).
+        ambiguous = httpx.get(f"{self.server.url}/stream/?task=Report/1")
+        self.assertEqual(ambiguous.status_code, 404)
+        self.assertIn("ambiguous", ambiguous.text)
+        theirs = OtherReport.objects.create(status="created", steps=8, delay=0.25, result={"app": "otherapp"})
+        ours = Report.objects.create(status="created", steps=8, delay=0.25)  # not on the feed
+        with TcpProxy("127.0.0.1", self.server.port) as proxy:
+            page = self.open(f"http://127.0.0.1:{proxy.port}")
+            self.start(page, "feed", "otherapp/Report")
+            self.start_when_open(page, theirs, ours)
+            self.wait(page, "() => window.log.events.length >= 3")
+            proxy.reset()
+            self.wait(page, "() => window.log.events.some((e) => e.type === 'complete')", timeout=30)
+        log = self.log(page)
+        key = f"Report/{theirs.pk}"
+        self.assertEqual(self.per_task(log), {key: list(range(1, 10))})  # nothing lost or repeated
+        self.assertEqual(log["events"][-1]["data"]["app"], "otherapp")
+        self.assertEqual({e["name"] for e in log["events"]}, {f"otherapp/Report/{theirs.pk}"})
+        self.assertEqual(log["tasks"], [key])
+        self.assertIn("reconnecting", log["states"])
+        self.assertNotIn("failed", log["states"])
+        self.assertIsNone(log["done"])  # the feed goes on
+        resumed = log["requests"][1]["url"]
+        self.assertRegex(resumed, rf"task=otherapp%2FReport%2F{theirs.pk}%40\d+")  # app/Model/id@cursor
+        self.assertIn("feed=otherapp%2FReport", resumed)
+        page.evaluate("() => window.watch.close()")
+        ours.cancel()
+
+    def test_two_models_of_one_class_name_cannot_share_a_watch(self):
+        page = self.open()
+        errors = page.evaluate(
+            """async () => {
+              const client = await import("__MODULE__");
+              const attempt = (spec) => {
+                try {
+                  client.watchStreams(spec).close();
+                  return null;
+                } catch (error) {
+                  return `${error.name}: ${error.message}`;
+                }
+              };
+              return [
+                attempt({feeds: ["testapp/Report", "otherapp/Report"]}),
+                attempt({tasks: ["testapp/Report/7"], feeds: ["otherapp/Report"]}),
+                attempt({tasks: ["testapp/Report/7", "otherapp/Report/7"]}),
+                attempt({tasks: ["testapp/Report/7", "otherapp/Report/8"]}),  // ids apart: fine
+                attempt({tasks: ["testapp/Report/7"], feeds: ["Report", "testapp/Report"]}),  // one model
+              ];
+            }""".replace("__MODULE__", MODULE)
+        )
+        refusal = r"^TypeError: \w+/Report and \w+/Report share the class name Report\b"
+        for error in errors[:3]:
+            self.assertRegex(error or "", refusal)
+        self.assertEqual(errors[3:], [None, None])
 
     def test_cursors_given_and_a_204_settled_from_the_statuses(self):
         done = ScriptedTask.objects.create(steps=2, result=["a"])

@@ -302,6 +302,16 @@ class SeveralProcessesTests(SimpleTestCase):
         self.assertEqual(StreamingSettings().SHUTDOWN_GRACE, 25.0)
 
 
+class SharedModelNameCheckTests(SimpleTestCase):
+    def test_i001_two_apps_task_models_of_one_class_name(self):
+        # testapp.Report and otherapp.Report (the test settings silence it: on purpose there).
+        [info] = checks.check_task_models()
+        self.assertEqual(info.id, "streaming.I001")
+        self.assertIn("otherapp.Report", info.msg)
+        self.assertIn("testapp.Report", info.msg)
+        self.assertIn("/stream/<app_label>/<Model>/<id>", info.msg)
+
+
 class SeveralProcessesServerTests(TransactionTestCase):
     def test_manage_py_check_warns_when_workers_cannot_see_each_other(self):
         env = {**subprocess_env(broker_url=""), "WEB_CONCURRENCY": "4"}

@@ -1,9 +1,12 @@
 // The dashboard's pages (streaming/dashboard/): the live task list and a task's page.
 //
 // The list loads its first page of rows from tasks.json, then follows every
-// model it shows over ONE multiplexed connection (watchFeed): an event of a
-// known row updates it in place; a task it does not know yet (one that just
-// started) is fetched once from tasks.json and added at the top. The task page
+// model it shows over ONE multiplexed connection (watchFeed; one more for each
+// model whose class name another app's shown model has, as events name their
+// model by class name only): an event of a known row updates it in place; a
+// task it does not know yet (one that just started) is fetched once from
+// tasks.json and added at the top. Rows and models are keyed by app label and
+// class name ("myapp/Report/7", as the feeds name them). The task page
 // tails the task's stream from its first event (watchTask, history) and keeps
 // its status, result and actions current. Reading, resuming and retrying are
 // streaming.js's; this only draws. Everything a task sent is shown as text.
@@ -17,6 +20,8 @@ const STATUS_LABEL = {
   completed: "Completed", failed: "Failed", cancelled: "Cancelled",
 };
 const STATUS_RANK = {created: 0, pending: 1, running: 2, completed: 3, failed: 3, cancelled: 3};
+// Several connections show as the least live of them.
+const LIVE_RANK = {failed: 0, reconnecting: 1, connecting: 2, open: 3, ended: 4, closed: 5};
 const MAX_EVENT_ROWS = 5000; // the task page drops its oldest rows beyond this
 const MAX_LIST_ROWS = 200; // the list drops its oldest rows beyond this as new tasks arrive
 const REFRESH_MS = 150; // rows to read again are gathered this long, then read in one request
@@ -100,8 +105,11 @@ function listPage() {
   const table = document.getElementById("tasks");
   const body = table.tBodies[0];
   const state = document.getElementById("tasks-state");
-  const rows = new Map(); // key ("<Model>/<id>") -> {data, tr}
+  const rows = new Map(); // key ("<app_label>/<Model>/<id>") -> {data, tr}
   const {filters} = config;
+  // Class names that models of two apps have.
+  const classes = Object.keys(config.models).map((model) => model.slice(model.lastIndexOf("/") + 1));
+  const shared = new Set(classes.filter((name, index) => classes.indexOf(name) !== index));
 
   // Changing a filter reloads the page with it (a plain GET form).
   for (const select of document.querySelectorAll(".filters select")) {
@@ -122,8 +130,10 @@ function listPage() {
     tr.dataset.key = row.key;
     tr.dataset.status = row.status;
     const name = element("td", {"data-label": "Task", class: "task-name"});
-    const link = element("a", {href: row.url}, `${row.key.split("/")[0]} ${row.id}`);
-    name.append(link, element("small", {}, row.model_name));
+    const [app, model] = row.key.split("/");
+    const link = element("a", {href: row.url}, `${model} ${row.id}`);
+    // Two apps' models of one class name: say which app.
+    name.append(link, element("small", {}, shared.has(model) ? `${row.model_name} (${app})` : row.model_name));
     const status = element("td", {"data-label": "Status"});
     status.append(statusBadge(row.status));
     const latest = element("td", {"data-label": "Latest event", class: "latest"});
@@ -243,11 +253,13 @@ function listPage() {
 
   const onEvent = (event) => {
     if (event.key === null) return; // a notice of the server's
-    const label = config.models[event.model];
+    // The task as its feed names it ("<app_label>/<Model>/<id>"): its row's key.
+    const key = event.name;
+    const label = config.models[key.slice(0, key.lastIndexOf("/"))];
     if (!label) return;
-    const entry = rows.get(event.key);
+    const entry = rows.get(key);
     if (!entry) {
-      if (filters.page === 1) refresh(event.key, label, event.taskId);
+      if (filters.page === 1) refresh(key, label, event.taskId);
       return;
     }
     const row = entry.data;
@@ -256,7 +268,7 @@ function listPage() {
     const status = TERMINAL.has(event.type) ? ENDED_STATUS[event.type] : "running";
     if (row.status !== status) {
       row.status = status; // at once; the times and attempts follow from the row
-      refresh(event.key, label, event.taskId);
+      refresh(key, label, event.taskId);
     }
     draw(entry);
     flash(entry.tr);
@@ -293,8 +305,30 @@ function listPage() {
       showConnection("closed");
       return;
     }
-    // One connection for every model shown; the page's own session opens it.
-    window.streamingFeed = watchFeed(config.feeds, {onEvent, onState: showConnection});
+    // One connection for every model shown (the page's own session opens it),
+    // but events name their model by class name only: a model whose class name
+    // is already on a connection goes on the next one.
+    const groups = [];
+    for (const feed of config.feeds) {
+      const model = feed.slice(feed.lastIndexOf("/") + 1);
+      let group = groups.find((names) => !names.has(model));
+      if (!group) groups.push(group = new Map());
+      group.set(model, feed);
+    }
+    const states = groups.map(() => ["connecting", undefined]);
+    const showAll = () => {
+      // The least live connection is the page's state.
+      const [state, detail] = states.reduce((a, b) => (LIVE_RANK[b[0]] ?? 0) < (LIVE_RANK[a[0]] ?? 0) ? b : a);
+      showConnection(state, detail);
+    };
+    window.streamingFeeds = groups.map((group, index) => watchFeed([...group.values()], {
+      onEvent,
+      onState: (state, detail) => {
+        states[index] = [state, detail];
+        showAll();
+      },
+    }));
+    window.streamingFeed = window.streamingFeeds[0];
   };
   start();
 }

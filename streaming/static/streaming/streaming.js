@@ -75,6 +75,27 @@ export function taskKey(name) {
   return parts.slice(-2).join("/");
 }
 
+// The model part of a task's name ("myapp/Report" of "myapp/Report/7"), and a
+// model's class name ("Report" of "myapp/Report").
+function modelOf(name) {
+  return name.slice(0, name.lastIndexOf("/"));
+}
+
+function classOf(model) {
+  return model.slice(model.lastIndexOf("/") + 1);
+}
+
+// Two names of one class name in one watch must be one model: the events cannot
+// tell "a/Report" from "b/Report" (a bare "Report" is one model or a 404).
+function sameModel(a, b) {
+  if (a !== b && a.includes("/") && b.includes("/") && classOf(a) === classOf(b)) {
+    throw new TypeError(
+      `${a} and ${b} share the class name ${classOf(a)}, the only name their events carry (_model): ` +
+      "one connection cannot tell their tasks apart: watch each on a connection of its own",
+    );
+  }
+}
+
 /** An event's data without the keys the runner adds (_task_id, _model, _timestamp). */
 export function taskData(data) {
   if (data === null || typeof data !== "object") return data;
@@ -417,8 +438,14 @@ export function watchTask(target, options = {}) {
  *   or {model, id, after: 12} resumes that task after its event 12.
  * options: on, onEvent, onState, token, history, base, credentials as for
  *   watchTask; onTask: (key, event) => ... the first event of a task the watch
- *   did not know (from a feed). Each event also has `key` ("<Model>/<id>").
+ *   did not know (from a feed). Each event also has `key` ("<Model>/<id>", from
+ *   its data) and `name` (the task as the watch names it on a reconnect: as
+ *   listed, or a feed's task by that feed's model, "myapp/Export/9").
  *   streamRoot: the multiplexed stream's path ("/stream/").
+ * Events say their model by class name only (_model), so one watch cannot
+ * follow two models of one class name in different apps ("a/Report" and
+ * "b/Report") where their tasks could meet (a feed of either, or one id
+ * listed twice): that throws a TypeError; watch them on connections of their own.
  * Returns {results, result(target), done, close(), cursors}:
  *   results: a Map of key -> Promise of what the task returned (as watchTask's result);
  *   done: a Promise settled when the watch ends (every listed task ended, and no
@@ -443,6 +470,8 @@ export function watchStreams({tasks = [], feeds = []} = {}, options = {}) {
     if (!entry) {
       entry = {name, cursor: null, ended: false, slot: deferred(), listed};
       known.set(key, entry);
+    } else if (listed) {
+      sameModel(modelOf(entry.name), modelOf(name));
     }
     return entry;
   };
@@ -457,6 +486,19 @@ export function watchStreams({tasks = [], feeds = []} = {}, options = {}) {
     if (after !== undefined && after !== null) entry.cursor = Number(after);
   }
   const feedNames = feeds.map((feed) => String(feed));
+  // A feed's model by class name, as the caller named it: a task a feed brings
+  // is named after it on reconnects, since its events' _model has no app label
+  // (and a bare name two apps share is a 404). A qualified name wins over a bare one.
+  const feedModels = new Map();
+  for (const feed of feedNames) {
+    const other = feedModels.get(classOf(feed));
+    if (other !== undefined) sameModel(other, feed);
+    if (other === undefined || !other.includes("/")) feedModels.set(classOf(feed), feed);
+  }
+  for (const entry of known.values()) {
+    const feed = feedModels.get(classOf(modelOf(entry.name)));
+    if (feed !== undefined) sameModel(feed, modelOf(entry.name));
+  }
 
   const setState = (state, detail) => {
     if (current === state && state !== "reconnecting") return;
@@ -500,7 +542,7 @@ export function watchStreams({tasks = [], feeds = []} = {}, options = {}) {
     const data = parseData(item.data);
     const id = item.id === null ? null : Number(item.id);
     if (id === null) {
-      const event = {type: item.type, id, data, raw: item.data, key: null, model: undefined, taskId: undefined};
+      const event = {type: item.type, id, data, raw: item.data, key: null, name: null, model: undefined, taskId: undefined};
       call(on[item.type], data, event);
       call(onEvent, event);
       if (item.type === "access_expired") {
@@ -513,10 +555,12 @@ export function watchStreams({tasks = [], feeds = []} = {}, options = {}) {
     if (!data || typeof data !== "object" || data._model === undefined || data._task_id === undefined) return false;
     const key = `${data._model}/${data._task_id}`;
     const isNew = !known.has(key);
-    const entry = track(key, false);
+    // A task not listed came from a feed: named after the feed's model.
+    const model = feedModels.get(String(data._model)) ?? data._model;
+    const entry = isNew ? track(`${model}/${data._task_id}`, false) : known.get(key);
     if (entry.ended || (entry.cursor !== null && id <= entry.cursor)) return false; // seen already
     entry.cursor = id;
-    const event = {type: item.type, id, data, raw: item.data, key, model: data._model, taskId: data._task_id};
+    const event = {type: item.type, id, data, raw: item.data, key, name: entry.name, model: data._model, taskId: data._task_id};
     if (isNew) call(onTask, key, event);
     call(on[item.type], data, event);
     call(onEvent, event);

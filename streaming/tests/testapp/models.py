@@ -92,3 +92,11 @@ class OwnedTask(ScriptFields, StreamTask):
 
     def has_stream_permission(self, user):
         return user.pk == self.owner_id or super().has_stream_permission(user)
+
+
+class Report(ScriptFields, StreamTask):
+    """A class name that otherapp.Report has too (system check streaming.I001): two
+    apps' task models of one name, which clients must tell apart by app label."""
+
+    public_stream = True
+    recovery = Recovery.RETRY
