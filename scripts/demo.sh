@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+path_hint=""
+if ! command -v poetry >/dev/null; then
+  # Installed by bootstrap.sh into ~/.local/bin, which this shell's PATH lacks.
+  path_hint=' (poetry is in ~/.local/bin: export PATH="$HOME/.local/bin:$PATH" there first)'
+fi
 export PATH="$HOME/.local/bin:$PATH"
 PORT="${PORT:-8888}"
 # The demo runs in development mode: DEBUG serves the admin's static files.
@@ -19,7 +24,7 @@ poetry run python manage.py start_task ContinueTask "$waiting" >/dev/null
 login=$(poetry run python manage.py demo_user --url "http://127.0.0.1:$PORT/streaming/")
 cat <<MSG
 
-Two demo tasks are queued; the server below runs them. In another terminal:
+Two demo tasks are queued; the server below runs them. In another terminal$path_hint:
   poetry run python stream_client.py ExampleTask $example --port $PORT     # 3 steps, 10 s apart
   poetry run python stream_client.py ContinueTask $waiting --port $PORT    # waits for you:
   poetry run python manage.py shell -c "from streaming.models import ContinueTask; import asyncio; asyncio.run(ContinueTask.objects.filter(pk=$waiting).aupdate(continue_field=True))"

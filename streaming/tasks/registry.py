@@ -33,7 +33,10 @@ def resolve_model(name: str, app_label: str | None = None) -> type[StreamTask]:
     ]
     if not candidates:
         where = f"{app_label}.{name}" if app_label else name
-        raise UnknownModel(f"Unknown task model '{where}'")
+        # Only a name the client typed, give or take case: nothing it did not know.
+        near = sorted({m.__name__ for m in stream_models() if m.__name__.lower() == name.lower()})
+        hint = f" (names are case-sensitive: {', '.join(repr(n) for n in near)}?)" if near else ""
+        raise UnknownModel(f"Unknown task model '{where}'{hint}")
     if len(candidates) > 1:
         labels = ", ".join(m._meta.label for m in candidates)
         raise UnknownModel(

@@ -253,10 +253,11 @@ class StreamingSystemTests(ServerTestCase):
             ("GET", "/stream/NoSuchModel/1", 404, "Unknown task model"),
             ("GET", "/stream/ExampleTask/999999", 404, "ExampleTask 999999 not found"),
             ("GET", "/stream/auth/User/1", 404, "Unknown task model"),
+            ("GET", "/stream/exampletask/1", 404, "names are case-sensitive: 'ExampleTask'?"),
             ("GET", "/stream/ExampleTask/abc", 400, "Malformed task id"),
             ("GET", f"/stream/ExampleTask/{task.pk}?last_event_id=x", 400, "Last-Event-ID"),
             ("GET", f"/stream/ExampleTask/{task.pk}?last_event_id=%C2%B2", 400, "Last-Event-ID"),
-            ("GET", f"/stream/ExampleTask/{task.pk}?last_event_id={'9' * 30}", 400, "Last-Event-ID"),
+            ("GET", f"/stream/ExampleTask/{task.pk}?last_event_id={'9' * 30}", 400, "at most 18 digits"),
             ("POST", f"/stream/ExampleTask/{task.pk}", 405, "not allowed"),
             ("DELETE", f"/stream/ExampleTask/{task.pk}", 405, "not allowed"),
         ]

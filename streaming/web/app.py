@@ -696,7 +696,10 @@ def _parse(
     raw_after = raw_after or (query.get("last_event_id") or [""])[0]
     if raw_after:
         if not (raw_after.isascii() and raw_after.isdigit() and len(raw_after) <= 18):
-            raise BadRequest(f"Malformed Last-Event-ID {raw_after!r}: expected a non-negative integer\n")
+            raise BadRequest(
+                f"Malformed Last-Event-ID {raw_after!r}: "
+                "expected a non-negative integer of at most 18 digits\n"
+            )
         after = int(raw_after)
     if _history_all(query):
         after = 0 if after is None else after
