@@ -325,13 +325,73 @@ class RedisTransportTests(DistributedTestCase):
 
         self.assertEqual(async_to_sync(scenario)(), list(range(4, 12)))
 
+    def test_deployments_on_two_databases_of_one_redis_neither_wake_nor_feed_each_other(self):
+        # Pub/sub spans a Redis server's databases: the channels are named per database.
+        import redis.asyncio as aioredis
+        from asgiref.sync import async_to_sync
+
+        from streaming.transports.redis import RedisTransport
+
+        from .support import eventually
+
+        settings = get_settings()
+
+        class Heard:
+            def __init__(self):
+                self.announced_keys: list[str] = []
+                self.wakes = 0
+
+            def announced(self, starts):
+                self.announced_keys += [str(key) for key, _after in starts]
+
+            def woken(self):
+                self.wakes += 1
+
+        async def scenario():
+            where = aioredis.Redis.from_url(settings.BROKER_URL).connection_pool.connection_kwargs
+            db = int(where.get("db") or 0)
+            urls = [f"redis://{where['host']}:{where['port']}/{n}" for n in (db, (db + 8) % 16)]
+            transports, heard = [], []
+            try:
+                for url in urls:
+                    transport, ears = RedisTransport(url, settings=settings), Heard()
+                    transport.bind(ears, on_wake=ears.woken)  # (only these two are called here)
+                    await transport.start()
+                    transports.append(transport)
+                    heard.append(ears)
+                for n, (transport, ears) in enumerate(zip(transports, heard, strict=True)):
+                    # Each hears its own: subscribed (announced again until it is).
+                    own = f"testapp.scriptedtask:98765432{n}"
+
+                    async def announced(transport=transport, ears=ears, own=own):
+                        transport.announce([(TaskKey.parse(own), 0)])
+                        await asyncio.sleep(0.05)
+                        return own in ears.announced_keys
+
+                    async with asyncio.timeout(10):
+                        while not await announced():
+                            pass
+                ours, theirs = heard
+                before = theirs.wakes
+                await transports[0].wake()
+                await eventually(lambda: ours.wakes > 0, message="our own wake-up")
+                await asyncio.sleep(0.3)  # what would cross, would have by now
+                return theirs.announced_keys, theirs.wakes - before
+            finally:
+                for transport in transports:
+                    await transport.stop()
+
+        theirs_heard, theirs_woken = async_to_sync(scenario)()
+        self.assertEqual(theirs_heard, ["testapp.scriptedtask:987654321"], "only its own announcement")
+        self.assertEqual(theirs_woken, 0)
+
     def test_an_announcement_whose_publish_failed_is_published_once_more(self):
         # Redis is out of this node's reach when it announces a claim (nothing
         # listens where it connects), and back within the retry's pause.
         import redis.asyncio as aioredis
         from asgiref.sync import async_to_sync
 
-        from streaming.transports.redis import STARTED_CHANNEL, RedisTransport
+        from streaming.transports.redis import RedisTransport
 
         from .support import eventually, free_port
         from .tcpproxy import TcpProxy
@@ -345,7 +405,7 @@ class RedisTransportTests(DistributedTestCase):
             port = free_port()
             transport = RedisTransport(f"redis://127.0.0.1:{port}/{where['db']}", settings=settings)
             heard = other.pubsub(ignore_subscribe_messages=True)
-            await heard.subscribe(STARTED_CHANNEL)
+            await heard.subscribe(transport.started_channel)
             proxy = None
             try:
                 with self.assertLogs("streaming.transports.redis", "WARNING") as logs:

@@ -23,7 +23,7 @@ from streaming.fanout.mux import Mux
 from streaming.fanout.sinks import QueueSink
 from streaming.keys import TaskKey
 from streaming.tests.testapp.models import OwnedTask, PrivateTask, ScriptedTask
-from streaming.transports.redis import STARTED_CHANNEL
+from streaming.transports.redis import started_channel
 from streaming.web.app import MAX_MUX_TASKS
 
 from .servercase import ServerTestCase
@@ -530,7 +530,7 @@ class MuxLostAnnouncementTests(DistributedTestCase):
         watcher, _worker = self.servers
         heard = self.redis.pubsub(ignore_subscribe_messages=True)
         self.addCleanup(heard.close)
-        heard.subscribe(STARTED_CHANNEL)
+        heard.subscribe(started_channel(get_settings().BROKER_URL))
         wait_for(lambda: self.subscribers() == 3, message="both nodes and the test to subscribe")
         arrived: list[SSE] = []
         reader = _Reader(f"{watcher.url}/stream/?feed=ScriptedTask", arrived)

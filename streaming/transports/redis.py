@@ -11,8 +11,9 @@
   clients. Events are fanned out locally by the node's hub (one shared
   list per task, a cursor per client).
 - Runner wake-ups (a task was created, started or cancelled anywhere) go
-  through the pub/sub channel ``streaming:wake``; announcements of claimed
-  tasks (for the feeds of multiplexed streams) through ``streaming:started``.
+  through the pub/sub channel ``streaming:<db>:wake``; announcements of
+  claimed tasks (for the feeds of multiplexed streams) through
+  ``streaming:<db>:started`` (``<db>``: the URL's database number).
 """
 
 import asyncio
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 try:
     import redis
     import redis.asyncio as aioredis
+    from redis.connection import parse_url
     from redis.exceptions import RedisError, ResponseError
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(
@@ -43,8 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STREAM_PREFIX = "streaming:events:"
-WAKE_CHANNEL = "streaming:wake"
-STARTED_CHANNEL = "streaming:started"  # "<label>:<pk> <seq before its run's first event>", one per line
 READ_BLOCK_MS = 100  # a newly watched task joins the shared read within this
 ANNOUNCE_RETRY_AFTER = 0.5  # seconds before a failed announcement is sent again (once)
 REDIS_POOL_SIZE = 32  # connections per node for publishing and history reads
@@ -54,11 +54,27 @@ def stream_name(key: TaskKey) -> str:
     return f"{STREAM_PREFIX}{key.label}:{key.pk}"
 
 
+# Pub/sub channels belong to the whole Redis server, not to one of its
+# databases: named after the database, so that deployments sharing a server
+# (staging on db 1, production on db 0) never wake or feed each other.
+def wake_channel(url: str) -> str:
+    return f"streaming:{_database(url)}:wake"
+
+
+def started_channel(url: str) -> str:
+    """Announcements of claimed tasks: "<label>:<pk> <seq before its run's first event>", one per line."""
+    return f"streaming:{_database(url)}:started"
+
+
+def _database(url: str) -> int:
+    return int(parse_url(url).get("db") or 0)
+
+
 def wake_from_outside(url: str) -> None:
     """A one-off wake-up from a process that runs no node (create_task, shell)."""
     try:
         with redis.Redis.from_url(url, socket_timeout=2) as client:
-            client.publish(WAKE_CHANNEL, b"1")
+            client.publish(wake_channel(url), b"1")
     except RedisError as exc:
         logger.warning("Could not wake the runners through Redis (%s); they poll", exc)
 
@@ -120,6 +136,8 @@ class RedisTransport(Transport):
 
     def __init__(self, url: str, *, settings: "StreamingSettings") -> None:
         self.url = url
+        self.wake_channel = wake_channel(url)
+        self.started_channel = started_channel(url)
         self._maxlen = settings.REDIS_STREAM_MAXLEN
         self._ttl = int(settings.REDIS_STREAM_TTL)
         # A burst of new subscribers queues for a connection instead of
@@ -238,7 +256,7 @@ class RedisTransport(Transport):
             )
 
     async def wake(self) -> None:
-        await self.redis.publish(WAKE_CHANNEL, b"1")
+        await self.redis.publish(self.wake_channel, b"1")
 
     def announce(self, starts: list[tuple[TaskKey, int]]) -> None:
         if starts:
@@ -249,7 +267,7 @@ class RedisTransport(Transport):
 
     async def _announce(self, payload: bytes) -> None:
         try:
-            await self.redis.publish(STARTED_CHANNEL, payload)
+            await self.redis.publish(self.started_channel, payload)
             return
         except (RedisError, OSError) as exc:
             # Once more, shortly, on a new connection: a blip between this node
@@ -259,7 +277,7 @@ class RedisTransport(Transport):
             logger.warning("Announcing started tasks through Redis failed (%s); trying once more", exc)
         await asyncio.sleep(ANNOUNCE_RETRY_AFTER)
         try:
-            await self.redis.publish(STARTED_CHANNEL, payload)
+            await self.redis.publish(self.started_channel, payload)
         except (RedisError, OSError) as exc:
             logger.warning(
                 "Announcing started tasks through Redis failed again (%s); feeds on other nodes "
@@ -274,7 +292,7 @@ class RedisTransport(Transport):
                 key, _, after = line.rpartition(" ")
                 starts.append((TaskKey.parse(key), int(after)))
         except ValueError:  # not ours: nothing to announce
-            logger.warning("Ignoring a malformed announcement on %s", STARTED_CHANNEL)
+            logger.warning("Ignoring a malformed announcement on %s", self.started_channel)
             return
         self.receiver.announced(starts)
 
@@ -282,11 +300,11 @@ class RedisTransport(Transport):
         # A confirmation from now on is a resubscription (after a failure, or
         # redis-py reconnecting by itself): messages may have gone by unheard.
         again = False
-        started = STARTED_CHANNEL.encode()
+        started = self.started_channel.encode()
         while True:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(WAKE_CHANNEL, STARTED_CHANNEL)
+                await pubsub.subscribe(self.wake_channel, self.started_channel)
                 async for message in pubsub.listen():
                     if message["type"] == "message":
                         if message["channel"] == started:
