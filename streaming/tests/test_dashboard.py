@@ -607,10 +607,17 @@ class DashboardBrowserTests(TransactionTestCase):
             "Cancellation requested", page.evaluate("() => document.querySelector('.messages').innerText")
         )
         self.wait(page, "() => document.getElementById('task-status').textContent === 'Cancelled'")
+        # The page after the cancel's redirect may say Cancelled before its
+        # event log has loaded: the log's end is waited for in its own right.
+        self.wait(
+            page,
+            "() => [...document.querySelectorAll('#events tbody tr')]"
+            ".some((tr) => tr.cells[1].innerText === 'cancelled')",
+        )
         rows = self.events(page)
         self.assertEqual(rows[-1][1], "cancelled")
         # The stream ended as it should: not shown as a failure of the live connection.
-        self.assertEqual(page.evaluate("() => document.querySelector('[data-live]').dataset.live"), "ended")
+        self.wait(page, "() => document.querySelector('[data-live]').dataset.live === 'ended'")
         self.assertEqual([int(r[0]) for r in rows], list(range(1, len(rows) + 1)))
         self.wait(page, "() => !document.querySelector(\"form[action$='/rerun']\").hidden")
         self.click(page, "form[action$='/rerun'] button")
